@@ -1,0 +1,57 @@
+"""lightning-latency: make transformer and LLM inference faster from inside a PyTorch Lightning training loop.
+
+Public names are imported lazily, so ``import lightning_latency`` is cheap and the cores
+(``measure_latency``, ``prune_step``, ``prepare_qat`` …) can be used without importing Lightning.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+__version__ = "0.1.0"
+
+# public name -> module that defines it
+_EXPORTS: dict[str, str] = {
+    # latency measurement (core + callback)
+    "LatencyConfig": "lightning_latency.latency",
+    "LatencyReport": "lightning_latency.latency",
+    "GenerationReport": "lightning_latency.latency",
+    "measure_latency": "lightning_latency.latency",
+    "measure_generation": "lightning_latency.latency",
+    "compare_latency": "lightning_latency.latency",
+    "model_stats": "lightning_latency.latency",
+    "LatencyMonitor": "lightning_latency.latency.callback",
+    # pruning
+    "PruningConfig": "lightning_latency.pruning",
+    "prune_step": "lightning_latency.pruning",
+    "save_pruned": "lightning_latency.pruning",
+    "load_pruned": "lightning_latency.pruning",
+    "MagnitudePruning": "lightning_latency.pruning.callback",
+    # quantization-aware training
+    "QuantizationConfig": "lightning_latency.quantization",
+    "prepare_qat": "lightning_latency.quantization",
+    "convert_qat": "lightning_latency.quantization",
+    "QuantizationAwareTraining": "lightning_latency.quantization.callback",
+    # distillation
+    "DistillationLoss": "lightning_latency.distillation",
+    "DistillationModule": "lightning_latency.distillation.module",
+    # multi-device
+    "ddp_strategy": "lightning_latency.strategies",
+    "fsdp_strategy": "lightning_latency.strategies",
+}
+
+__all__ = sorted(_EXPORTS) + ["__version__"]
+
+
+def __getattr__(name: str) -> Any:
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module 'lightning_latency' has no attribute {name!r}")
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return __all__

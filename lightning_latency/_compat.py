@@ -1,0 +1,107 @@
+"""The one import seam between lightning-latency and Lightning.
+
+Users import Lightning either as ``pytorch_lightning`` (the standalone package, our primary target) or as
+``lightning.pytorch`` (the unified package). The two ship *different* class objects for ``Callback`` and
+``LightningModule``, and a ``Trainer`` from one package rejects callbacks and modules built on the other.
+
+* Callbacks: ``CallbackBase`` derives from the ``Callback`` class of *every* installed package, so one
+  ``LatencyMonitor`` instance is accepted by ``pytorch_lightning.Trainer`` and ``lightning.pytorch.Trainer``
+  alike. Both base classes are the same code (hooks that do nothing), so the MRO is harmless.
+* Everything else (``LightningModule``, ``Trainer``, rank-zero helpers) comes from the *selected* package:
+  ``pytorch_lightning`` unless ``LIGHTNING_LATENCY_BACKEND=lightning`` is set, or ``lightning.pytorch`` was
+  imported before us and ``pytorch_lightning`` was not.
+
+No other module of this package imports ``pytorch_lightning`` or ``lightning`` directly.
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import os
+import sys
+from types import ModuleType
+from typing import Any
+
+_PL = "pytorch_lightning"
+_L = "lightning.pytorch"
+_ENV = "LIGHTNING_LATENCY_BACKEND"
+
+
+def _available(name: str) -> bool:
+    try:
+        return importlib.util.find_spec(name.split(".")[0]) is not None
+    except (ImportError, ValueError):
+        return False
+
+
+def _select_backend() -> str:
+    choice = os.environ.get(_ENV, "").strip().lower()
+    if choice:
+        if choice in ("pytorch_lightning", "pl"):
+            return _PL
+        if choice in ("lightning", "lightning.pytorch", "l"):
+            return _L
+        raise ValueError(
+            f"`{_ENV}` must be 'pytorch_lightning' or 'lightning', got {choice!r}. "
+            f"Unset it to pick `pytorch_lightning` automatically."
+        )
+    if _L in sys.modules and _PL not in sys.modules:
+        return _L
+    if _available(_PL):
+        return _PL
+    if _available("lightning"):
+        return _L
+    raise ImportError(
+        "lightning-latency needs PyTorch Lightning: `pip install pytorch-lightning` (or `pip install lightning`)."
+    )
+
+
+BACKEND: str = _select_backend()
+pl: ModuleType = importlib.import_module(BACKEND)
+
+LightningModule = pl.LightningModule
+Trainer = pl.Trainer
+LightningDataModule = pl.LightningDataModule
+
+_rank_zero = importlib.import_module(f"{BACKEND}.utilities.rank_zero")
+rank_zero_info = _rank_zero.rank_zero_info
+rank_zero_warn = _rank_zero.rank_zero_warn
+rank_zero_only = _rank_zero.rank_zero_only
+MisconfigurationException = importlib.import_module(f"{BACKEND}.utilities.exceptions").MisconfigurationException
+
+
+def _callback_bases() -> tuple[type, ...]:
+    bases: list[type] = [pl.Callback]
+    other = _L if BACKEND == _PL else _PL
+    # Only pull in the second package if it is installed; importing it costs a few seconds.
+    if _available(other):
+        try:
+            bases.append(importlib.import_module(other).Callback)
+        except Exception:  # a broken second install must not break the first
+            pass
+    return tuple(bases)
+
+
+CallbackBase: type = type("CallbackBase", _callback_bases(), {"__module__": __name__})
+CallbackBase.__doc__ = "``Callback`` of every installed Lightning package, so both Trainers accept our callbacks."
+
+
+def is_trainer(obj: Any) -> bool:
+    """True for a Trainer of either Lightning package."""
+    return type(obj).__name__ == "Trainer" and type(obj).__module__.split(".")[0] in ("pytorch_lightning", "lightning")
+
+
+__all__ = [
+    "BACKEND",
+    "CallbackBase",
+    "LightningDataModule",
+    "LightningModule",
+    "MisconfigurationException",
+    "Trainer",
+    "is_trainer",
+    "pl",
+    "rank_zero_info",
+    "rank_zero_only",
+    "rank_zero_warn",
+]
