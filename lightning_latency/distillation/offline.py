@@ -1,0 +1,130 @@
+"""Offline distillation: run the teacher once, store its top-k logits on disk, train without it in memory.
+
+:func:`cache_teacher_topk` walks a (non-shuffled) data loader through the teacher and writes one file per batch
+with ``values`` ``(batch, [seq,] k)`` in fp16 and ``indices`` ``(batch, [seq,] k)`` in int32, plus a small
+``meta.pt`` (k, count, temperature-free logits). :class:`TopKLogitsDataset` wraps the *same* dataset (same order)
+and adds ``teacher_topk_values`` / ``teacher_topk_indices`` to every item; :class:`~.DistillationModule` with
+``teacher=None`` then distils from them (forward KL on the teacher's top-k support, see
+:func:`~.losses.topk_forward_kl`).
+
+Storage: ``tokens * k * 6`` bytes (k=64 over 1M tokens: 384 MB) instead of ``tokens * vocab * 4``.
+"""
+
+from __future__ import annotations
+
+import bisect
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from torch.utils.data import DataLoader, Dataset
+
+from lightning_latency.distillation.module import TOPK_INDICES, TOPK_VALUES, output_logits
+
+
+def _default_inputs(batch: Any) -> dict[str, Any]:
+    if isinstance(batch, Mapping):
+        return {k: v for k, v in batch.items() if k not in ("labels", TOPK_VALUES, TOPK_INDICES)}
+    raise TypeError(f"cannot map a {type(batch).__name__} batch to teacher inputs; pass batch_to_inputs=...")
+
+
+@torch.no_grad()
+def cache_teacher_topk(
+    teacher: nn.Module,
+    loader: DataLoader,
+    path: str | Path,
+    k: int = 64,
+    batch_to_inputs: Callable[[Any], dict[str, Any]] | None = None,
+    device: str | torch.device | None = None,
+    progress: bool = True,
+) -> Path:
+    """Store the teacher's top-``k`` logits for every item of ``loader`` (which must not shuffle).
+
+    Args:
+        teacher: any model returning logits ``(batch, classes)`` or ``(batch, seq, vocab)`` (``.logits`` or tensor).
+        loader: the data, in the order :class:`TopKLogitsDataset` will later read it.
+        path: output folder (created); existing shard files are overwritten.
+        k: how many logits to keep per position (capped at the vocabulary size).
+        batch_to_inputs: batch -> teacher keyword inputs; default: the dict batch minus ``labels``.
+        device: where to run the teacher; default: where its parameters are.
+        progress: show a tqdm progress bar (stderr).
+
+    Returns:
+        The folder.
+    """
+    if not isinstance(k, int) or k < 1:
+        raise ValueError(f"`k` must be a positive int, got {k!r}. k=64 keeps nearly all the mass of an LM's softmax.")
+    sampler = getattr(loader, "sampler", None)
+    if sampler is not None and type(sampler).__name__ == "RandomSampler":
+        raise ValueError("`loader` shuffles (RandomSampler): the cache must follow the dataset order. "
+                         "Pass DataLoader(dataset, shuffle=False); shuffle later when training from the cache.")
+    from tqdm.auto import tqdm
+
+    out = Path(path)
+    out.mkdir(parents=True, exist_ok=True)
+    to_inputs = batch_to_inputs or _default_inputs
+    device = torch.device(device) if device is not None else next(teacher.parameters()).device
+    was_training = teacher.training
+    teacher.eval()
+    count = 0
+    try:
+        for i, batch in enumerate(tqdm(loader, desc="teacher top-k", disable=not progress)):
+            inputs = {key: v.to(device) if isinstance(v, Tensor) else v for key, v in to_inputs(batch).items()}
+            logits = output_logits(teacher(**inputs)).float()
+            kk = min(k, logits.shape[-1])
+            values, indices = logits.topk(kk, dim=-1)
+            torch.save({"values": values.half().cpu(), "indices": indices.int().cpu()}, out / f"shard_{i:06d}.pt")
+            count += logits.shape[0]
+    finally:
+        teacher.train(was_training)
+    torch.save({"k": min(k, logits.shape[-1]) if count else k, "count": count, "shards": i + 1 if count else 0},
+               out / "meta.pt")
+    return out
+
+
+class TopKLogitsDataset(Dataset):
+    """``dataset`` items (dicts) extended with the cached teacher top-k logits of the same index.
+
+    Args:
+        dataset: the dataset that :func:`cache_teacher_topk` read (same order and length).
+        path: the cache folder.
+
+    Raises:
+        ValueError: when the cache was built from a dataset of another length.
+    """
+
+    def __init__(self, dataset: Dataset, path: str | Path) -> None:
+        self.dataset = dataset
+        self.path = Path(path)
+        meta_file = self.path / "meta.pt"
+        if not meta_file.exists():
+            raise ValueError(f"`path` {str(self.path)!r} holds no teacher cache (meta.pt missing). "
+                             f"Run cache_teacher_topk(teacher, loader, path) first.")
+        meta = torch.load(meta_file)
+        if meta["count"] != len(dataset):  # type: ignore[arg-type]
+            raise ValueError(f"the cache in {str(self.path)!r} has {meta['count']} items but the dataset has "
+                             f"{len(dataset)}; rebuild it with cache_teacher_topk on this dataset.")  # type: ignore[arg-type]
+        self.k = int(meta["k"])
+        # Shards are small (k values per position): load them all once, index them in memory.
+        shards = [torch.load(self.path / f"shard_{i:06d}.pt") for i in range(int(meta["shards"]))]
+        self._values = [s["values"] for s in shards]
+        self._indices = [s["indices"] for s in shards]
+        self._starts = [0]
+        for v in self._values[:-1]:
+            self._starts.append(self._starts[-1] + v.shape[0])
+
+    def __len__(self) -> int:
+        return len(self.dataset)  # type: ignore[arg-type]
+
+    def __getitem__(self, i: int) -> dict[str, Any]:
+        item = self.dataset[i]
+        if not isinstance(item, Mapping):
+            raise TypeError(f"TopKLogitsDataset needs dict items, got {type(item).__name__}.")
+        shard = bisect.bisect_right(self._starts, i) - 1
+        j = i - self._starts[shard]
+        return {**item, TOPK_VALUES: self._values[shard][j], TOPK_INDICES: self._indices[shard][j]}
+
+
+__all__ = ["TopKLogitsDataset", "cache_teacher_topk"]

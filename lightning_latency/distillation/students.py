@@ -1,0 +1,114 @@
+"""Student initialisation from the teacher: keep a subset of layers, or prune a copy structurally.
+
+* :func:`student_from_teacher_layers` — DistilBERT-style: a deep copy of the teacher with only the chosen
+  transformer layers (default every other one: ``[0, 2, 4]`` of 6). Works for BERT-family encoders and
+  Llama-family decoders (any Hugging Face model whose layer stack is a ``ModuleList`` of
+  ``config.num_hidden_layers`` blocks); embeddings, heads and the config are kept consistent.
+* :func:`student_from_pruned_teacher` — a copy pruned by ``lightning_latency.pruning`` in structured mode
+  (heads / FFN neurons removed), so "prune, then distil to recover" is::
+
+      student = student_from_pruned_teacher(teacher, sparsity=0.5)
+      Trainer(max_steps=500).fit(DistillationModule(student, teacher, alpha=0.9), loader)
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Sequence
+from typing import Any
+
+from torch import nn
+
+
+def find_layer_stack(model: nn.Module) -> tuple[str, nn.ModuleList]:
+    """``(dotted name, ModuleList)`` of the transformer blocks: the ``ModuleList`` with ``num_hidden_layers`` items."""
+    n = getattr(getattr(model, "config", None), "num_hidden_layers", None)
+    candidates = [(name, m) for name, m in model.named_modules() if isinstance(m, nn.ModuleList) and len(m) > 0]
+    for name, m in candidates:
+        if n is not None and len(m) == n:
+            return name, m
+    if n is None and candidates:
+        return max(candidates, key=lambda c: len(c[1]))
+    raise ValueError(f"cannot find the transformer layer stack of {type(model).__name__} (no ModuleList with "
+                     f"config.num_hidden_layers={n} blocks). Build the student yourself and pass it to "
+                     f"DistillationModule(student=...).")
+
+
+def every_other_layer(num_layers: int, step: int = 2) -> list[int]:
+    """``[0, step, 2*step, ...]`` — DistilBERT keeps every other layer of BERT."""
+    return list(range(0, num_layers, step))
+
+
+def student_from_teacher_layers(teacher: nn.Module, layers: Sequence[int] | None = None) -> nn.Module:
+    """A copy of ``teacher`` keeping only the transformer ``layers`` (indices into the teacher's stack).
+
+    Args:
+        teacher: a Hugging Face BERT-/Llama-family model (e.g. ``BertForSequenceClassification``,
+            ``LlamaForCausalLM``). It is not modified.
+        layers: increasing teacher layer indices to keep; default every other layer starting at 0.
+
+    Returns:
+        The student in train mode, with ``config.num_hidden_layers`` (and per-layer config lists such as
+        ``layer_types``) updated and decoder ``layer_idx`` renumbered so the KV cache works.
+
+    Raises:
+        ValueError: when ``layers`` is empty, not increasing, or names a layer the teacher does not have.
+    """
+    _, stack = find_layer_stack(teacher)
+    n = len(stack)
+    keep = every_other_layer(n) if layers is None else [int(i) for i in layers]
+    if not keep or any(not (0 <= i < n) for i in keep) or sorted(set(keep)) != keep:
+        raise ValueError(f"`layers` must be distinct increasing indices in [0, {n - 1}] (the teacher has {n} layers), "
+                         f"got {list(layers) if layers is not None else None}. For every other layer pass "
+                         f"layers={every_other_layer(n)}.")
+    student = copy.deepcopy(teacher)
+    name, s_stack = find_layer_stack(student)
+    kept = nn.ModuleList([s_stack[i] for i in keep])
+    for new_idx, block in enumerate(kept):
+        for m in block.modules():
+            if hasattr(m, "layer_idx"):
+                m.layer_idx = new_idx  # decoder KV caches index layers by position
+    parent = student.get_submodule(name.rsplit(".", 1)[0]) if "." in name else student
+    setattr(parent, name.rsplit(".", 1)[-1], kept)
+    config = getattr(student, "config", None)
+    if config is not None:
+        config.num_hidden_layers = len(keep)
+        for attr in ("layer_types",):
+            values = getattr(config, attr, None)
+            if isinstance(values, list) and len(values) == n:
+                setattr(config, attr, [values[i] for i in keep])
+    return student.requires_grad_(True).train()
+
+
+def student_from_pruned_teacher(
+    teacher: nn.Module, sparsity: float = 0.5, example_inputs: Any = None, **config_kwargs: Any
+) -> nn.Module:
+    """A structurally pruned copy of ``teacher`` (heads and FFN neurons removed) to distil into.
+
+    Calls ``lightning_latency.pruning.prune_step(copy, PruningConfig(mode="structured", **config_kwargs),
+    sparsity)``; the import happens here so the distillation package does not depend on torch-pruning.
+
+    Args:
+        teacher: the model to copy; not modified.
+        sparsity: fraction of prunable structure to remove, in ``(0, 1)``.
+        example_inputs: forwarded to ``PruningConfig`` when given (tracing input for the dependency graph).
+        **config_kwargs: further ``PruningConfig`` fields.
+    """
+    if not (isinstance(sparsity, (int, float)) and 0.0 < sparsity < 1.0):
+        raise ValueError(f"`sparsity` must be in (0, 1), got {sparsity!r}. For half the heads/neurons pass 0.5.")
+    try:
+        from lightning_latency.pruning import PruningConfig, prune_step
+    except ImportError as err:  # pragma: no cover - depends on the pruning package being present
+        raise ImportError(f"student_from_pruned_teacher needs lightning_latency.pruning ({err}); use "
+                          f"student_from_teacher_layers instead.") from err
+    if example_inputs is not None:
+        config_kwargs.setdefault("example_inputs", example_inputs)
+    student = copy.deepcopy(teacher)
+    config = PruningConfig(mode="structured", **config_kwargs)
+    result = prune_step(student, config, sparsity)
+    if isinstance(result, nn.Module):
+        student = result
+    return student.requires_grad_(True).train()
+
+
+__all__ = ["every_other_layer", "find_layer_stack", "student_from_pruned_teacher", "student_from_teacher_layers"]
