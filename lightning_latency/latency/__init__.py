@@ -1,0 +1,44 @@
+"""Latency measurement: a core usable without Lightning, and the :class:`LatencyMonitor` callback on top.
+
+* :func:`measure_latency` / :func:`compare_latency` — forward latency (median, p90, p99, IQR …) and throughput.
+* :func:`measure_generation` — TTFT / TPOT / tokens/s of ``generate``.
+* :func:`model_stats` — size by real storage, parameter and non-zero parameter counts.
+* :func:`sweep_latency` — batch-size × sequence-length grids; :func:`module_breakdown` — which submodules take the time.
+
+``LatencyMonitor`` lives in :mod:`lightning_latency.latency.callback` (imported lazily: it pulls in Lightning).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from lightning_latency.latency.generation import GenerationReport, measure_generation
+from lightning_latency.latency.hardware import KNOWN_PEAKS, known_peaks
+from lightning_latency.latency.measure import LatencyConfig, LatencyReport, compare_latency, measure_latency
+from lightning_latency.latency.memory import ModelStats, model_stats, tensor_nbytes
+from lightning_latency.latency.stats import TimingStats, summarize
+
+__all__ = [
+    "KNOWN_PEAKS",
+    "GenerationReport",
+    "LatencyConfig",
+    "LatencyMonitor",
+    "LatencyReport",
+    "ModelStats",
+    "TimingStats",
+    "compare_latency",
+    "known_peaks",
+    "measure_generation",
+    "measure_latency",
+    "model_stats",
+    "summarize",
+    "tensor_nbytes",
+]
+
+
+def __getattr__(name: str) -> Any:
+    if name == "LatencyMonitor":  # lazy: the callback imports Lightning (~7 s), the core does not
+        from lightning_latency.latency.callback import LatencyMonitor
+
+        return LatencyMonitor
+    raise AttributeError(f"module 'lightning_latency.latency' has no attribute {name!r}")
