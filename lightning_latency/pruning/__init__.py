@@ -1,0 +1,28 @@
+"""Pruning that makes transformers faster (structured) or sparser (masks), usable with or without Lightning.
+
+Core: :class:`PruningConfig` + :func:`prune_step`; :func:`save_pruned` / :func:`load_pruned` round-trip a
+structurally pruned Hugging Face model; :class:`~lightning_latency.pruning.callback.MagnitudePruning` schedules it
+inside ``Trainer.fit``.
+"""
+
+from lightning_latency.pruning.config import PruningConfig, PruningMode
+from lightning_latency.pruning.core import PruningResult, model_counts, prune_step, structured_sparsity
+from lightning_latency.pruning.hf_io import load_pruned, save_pruned
+from lightning_latency.pruning.masks import apply_masks
+from lightning_latency.pruning.schedule import PruningSchedule
+from lightning_latency.pruning.structured import reshape_to_state_dict, structure
+
+__all__ = [
+    "PruningConfig",
+    "PruningMode",
+    "PruningResult",
+    "PruningSchedule",
+    "apply_masks",
+    "load_pruned",
+    "model_counts",
+    "prune_step",
+    "reshape_to_state_dict",
+    "save_pruned",
+    "structure",
+    "structured_sparsity",
+]
