@@ -29,6 +29,17 @@ def module_device(model: Any) -> torch.device:
     return torch.device("cpu")
 
 
+def _deepcopy_detached(model: nn.Module) -> nn.Module:
+    """Deep copy without dragging the Trainer along: a LightningModule holds ``_trainer`` (and Fabric ``_fabric``)."""
+    saved = {name: model.__dict__[name] for name in ("_trainer", "_fabric") if model.__dict__.get(name) is not None}
+    for name in saved:
+        model.__dict__[name] = None
+    try:
+        return copy.deepcopy(model)
+    finally:
+        model.__dict__.update(saved)
+
+
 def _compile_settings(mode: str | None, freezing: bool) -> tuple[Any, ...]:
     return (mode, freezing)
 
@@ -70,7 +81,7 @@ def deployed(
             f"`device`/`compile` need an nn.Module to copy, got {type(model).__name__}. "
             "Pass the module, or measure the callable as it is (device=None, compile=False)."
         )
-    work = copy.deepcopy(model).to(target).eval()
+    work = _deepcopy_detached(model).to(target).eval()
     if not compile:
         yield work, target
         return
