@@ -1,0 +1,246 @@
+"""The QAT verbs on a bare ``nn.Module``: prepare (fake quantize), freeze ranges, convert, undo, measure weight error.
+
+Built on torchao's ``QATConfig`` (the maintained successor of ``torch.ao.quantization``): preparing swaps each
+targeted ``nn.Linear`` for a ``FakeQuantizedLinear`` that *shares the same weight and bias Parameters*, so optimizers
+built before the swap keep training the right tensors and the state-dict keys do not change. Nothing wraps the
+model's ``forward``, so Hugging Face models called with keyword inputs work unchanged.
+"""
+
+from __future__ import annotations
+
+import copy
+from typing import Any
+
+import torch
+from torch import nn
+
+from lightning_latency.quantization.config import (
+    QuantizationConfig,
+    Scheme,
+    convert_base_config,
+    fake_quantize_configs,
+)
+from lightning_latency.quantization.targets import check_group_size, select_modules
+
+
+def is_fake_quantized(module: nn.Module) -> bool:
+    """True for torchao ``FakeQuantizedLinear`` / ``FakeQuantizedEmbedding``."""
+    return isinstance(getattr(module, "weight_fake_quantizer", None), nn.Module)
+
+
+def _is_quantized_tensor(t: Any) -> bool:
+    from torchao.utils import TorchAOBaseTensor
+
+    return isinstance(t, TorchAOBaseTensor)
+
+
+def fake_quantized_modules(model: nn.Module) -> dict[str, nn.Module]:
+    """Fake-quantized modules of ``model`` by name."""
+    return {n: m for n, m in model.named_modules() if is_fake_quantized(m)}
+
+
+def converted_modules(model: nn.Module) -> dict[str, nn.Module]:
+    """Modules whose ``weight`` is a torchao quantized tensor (the result of :func:`convert_qat`)."""
+    return {n: m for n, m in model.named_modules() if _is_quantized_tensor(getattr(m, "weight", None))}
+
+
+def is_prepared(model: nn.Module) -> bool:
+    return bool(fake_quantized_modules(model))
+
+
+def is_converted(model: nn.Module) -> bool:
+    return bool(converted_modules(model))
+
+
+def is_frozen(model: nn.Module) -> bool:
+    """True when the weight fake-quantization ranges have been frozen by :func:`freeze_ranges`."""
+    return any("scale" in m.weight_fake_quantizer._buffers for m in fake_quantized_modules(model).values())
+
+
+def prepare_qat(model: nn.Module, config: QuantizationConfig | None = None) -> list[str]:
+    """Swap the targeted linears (and embeddings) of ``model`` in place for fake-quantized versions.
+
+    Idempotent: modules that are already fake-quantized are left alone, so calling it twice (a second ``fit``)
+    changes nothing. Parameters are shared with the originals (no copies): optimizers stay valid.
+
+    Args:
+        model: any ``nn.Module``; a Hugging Face model works as is.
+        config: what and how to quantize; default ``QuantizationConfig()`` (int8 dynamic, default skip list).
+
+    Returns:
+        Names of the fake-quantized modules, in model order.
+
+    Raises:
+        ValueError: nothing matched ``targets``; ``group_size`` does not divide a layer; the model is already
+            converted (call :func:`unconvert_qat` first).
+
+    Example::
+
+        prepare_qat(model, QuantizationConfig(scheme="int8_dynamic"))
+        train(model)
+        convert_qat(model)
+    """
+    from torchao.quantization import quantize_
+    from torchao.quantization.qat import QATConfig
+
+    config = config or QuantizationConfig()
+    if is_converted(model):
+        raise ValueError(
+            f"`model` is already converted to quantized weights ({len(converted_modules(model))} modules); it cannot be "
+            f"prepared for training again. Call unconvert_qat(model) first (weights become their dequantized values)."
+        )
+    selected = select_modules(model, config)
+    check_group_size(selected, config)
+    todo = {n for n, m in selected.items() if not is_fake_quantized(m)}
+    if todo:
+        act, weight = fake_quantize_configs(config)
+        _, emb_weight = fake_quantize_configs(config, embedding=True)
+        quantize_(model, QATConfig(activation_config=act, weight_config=weight, step="prepare"),
+                  filter_fn=lambda m, n: n in todo and isinstance(m, nn.Linear))
+        if config.include_embeddings:
+            quantize_(model, QATConfig(weight_config=emb_weight, step="prepare"),
+                      filter_fn=lambda m, n: n in todo and isinstance(m, nn.Embedding))
+    return list(selected)
+
+
+@torch.no_grad()
+def freeze_ranges(model: nn.Module) -> list[str]:
+    """Fix the weight fake-quantization scales/zero points at their current values (per module).
+
+    Until frozen, torchao recomputes each weight's quantization grid at every forward; frozen, the last steps
+    fine-tune the weights against a fixed grid (as observers are frozen in classic QAT). The frozen scales are
+    registered as buffers, so they are saved in checkpoints (``…weight_fake_quantizer.scale``). Activation ranges
+    are per-token dynamic by design and stay dynamic.
+
+    Returns:
+        Names of the modules frozen by this call.
+    """
+    frozen = []
+    for name, module in fake_quantized_modules(model).items():
+        q = module.weight_fake_quantizer
+        if "scale" in q._buffers:
+            continue
+        q(module.weight)  # computes q.scale / q.zero_point from the current weight
+        scale, zero_point = q.scale.detach().clone(), q.zero_point.detach().clone()
+        q.config = copy.copy(q.config)  # configs may be shared between modules
+        q.config.is_dynamic = False
+        del q.scale, q.zero_point  # plain attributes in torchao 0.18; become buffers so checkpoints carry them
+        q.register_buffer("scale", scale)
+        q.register_buffer("zero_point", zero_point)
+        frozen.append(name)
+    return frozen
+
+
+def _snap_frozen_weights(model: nn.Module) -> None:
+    """Write the frozen-grid fake-quantized values into frozen weights, so converting keeps the frozen clipping."""
+    with torch.no_grad():
+        for module in fake_quantized_modules(model).values():
+            q = module.weight_fake_quantizer
+            if "scale" in q._buffers:
+                module.weight.copy_(q(module.weight))
+
+
+def convert_qat(model: nn.Module, config: QuantizationConfig | None = None) -> list[str]:
+    """Replace every fake-quantized module of ``model`` in place by a plain module with real quantized weights.
+
+    Uses torchao ``QATConfig(base_config, step="convert")``; weights become torchao quantized tensors (e.g.
+    ``Int8Tensor``) that load into a model converted the same way. For the fast CPU form, pass the result (or the
+    still fake-quantized model) to :func:`~lightning_latency.quantization.deploy`.
+
+    Returns:
+        Names of the converted modules.
+
+    Raises:
+        ValueError: the model has no fake-quantized modules (call :func:`prepare_qat` first).
+    """
+    from torchao.quantization import IntxWeightOnlyConfig, quantize_
+    from torchao.quantization.granularity import PerAxis, PerGroup
+    from torchao.quantization.qat import QATConfig
+
+    config = config or QuantizationConfig()
+    modules = fake_quantized_modules(model)
+    if not modules:
+        raise ValueError(
+            f"`model` ({type(model).__name__}) has no fake-quantized modules to convert. "
+            f"Call prepare_qat(model, config) (and train) before convert_qat."
+        )
+    _snap_frozen_weights(model)
+    linears = {n for n, m in modules.items() if isinstance(m, nn.Linear)}
+    embeddings = set(modules) - linears
+    quantize_(model, QATConfig(convert_base_config(config), step="convert"), filter_fn=lambda m, n: n in linears)
+    if embeddings:
+        granularity = PerGroup(config.group_size) if config.scheme.uses_groups else PerAxis(0)
+        dtype = torch.int4 if config.scheme.uses_groups else torch.int8
+        quantize_(model, QATConfig(IntxWeightOnlyConfig(weight_dtype=dtype, granularity=granularity), step="convert"),
+                  filter_fn=lambda m, n: n in embeddings)
+    return sorted(modules, key=list(dict(model.named_modules())).index)
+
+
+def unconvert_qat(model: nn.Module) -> list[str]:
+    """Turn converted quantized weights back into float Parameters (their dequantized values), in place.
+
+    Used to train a converted model again (a second ``fit``): the model computes the same function, but the
+    float precision below the quantization grid that the fp32 master weights had is gone.
+    """
+    names = []
+    for name, module in converted_modules(model).items():
+        module.weight = nn.Parameter(module.weight.dequantize().detach().clone(), requires_grad=True)
+        names.append(name)
+    return names
+
+
+def strip_qat(model: nn.Module) -> nn.Module:
+    """Plain float modules in place of fake-quantized or converted ones (same weights); returns ``model``."""
+    unconvert_qat(model)
+    for name, module in list(fake_quantized_modules(model).items()):
+        if name:  # a bare fake-quantized layer passed as `model` cannot replace itself
+            model.set_submodule(name, module.to_linear() if isinstance(module, nn.Linear) else module.to_embedding())
+    return model
+
+
+@torch.no_grad()
+def weight_error(model: nn.Module) -> dict[str, float]:
+    """Relative quantization error of each fake-quantized weight: ``‖Q(W) − W‖_F / ‖W‖_F``.
+
+    Computed with each module's own fake quantizer (frozen grid if frozen), so it is exactly the weight error the
+    training forward sees. Empty when the model is not prepared.
+    """
+    errors: dict[str, float] = {}
+    for name, module in fake_quantized_modules(model).items():
+        w = module.weight.detach()
+        q = module.weight_fake_quantizer
+        enabled, q.enabled = q.enabled, True
+        try:
+            fq = q(w)
+        finally:
+            q.enabled = enabled
+        errors[name] = float((fq - w).float().norm() / w.float().norm().clamp_min(1e-12))
+    return errors
+
+
+def weight_qparams(model: nn.Module) -> dict[str, torch.Tensor]:
+    """Current weight quantization scales per fake-quantized module (what DDP ranks must agree on)."""
+    out = {}
+    with torch.no_grad():
+        for name, module in fake_quantized_modules(model).items():
+            q = module.weight_fake_quantizer
+            q(module.weight)
+            out[name] = q.scale.detach().clone()
+    return out
+
+
+__all__ = [
+    "Scheme",
+    "convert_qat",
+    "converted_modules",
+    "fake_quantized_modules",
+    "freeze_ranges",
+    "is_converted",
+    "is_frozen",
+    "is_prepared",
+    "prepare_qat",
+    "strip_qat",
+    "unconvert_qat",
+    "weight_error",
+    "weight_qparams",
+]
