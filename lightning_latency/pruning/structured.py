@@ -185,7 +185,7 @@ def _scores(imp: Any, items: list[tuple[nn.Linear, Any, list[int], list[int]]]) 
     try:
         scores = imp(_group(items))
     except AttributeError as err:
-        if "grad" in str(err):
+        if any(layer.weight.grad is None for layer, *_ in items):
             raise RuntimeError(
                 "importance='taylor' needs gradients on the weights: run loss.backward() before prune_step "
                 "(the callback prunes at on_train_batch_end, where they exist)."
