@@ -207,12 +207,14 @@ def timed_loop(fns: list[Callable[[], Any]], config: LatencyConfig, device: torc
     The first warm-up round is timed apart (``first_call_s``) and left out of the budget, as it may compile.
     """
     clock = config.clock or time.perf_counter
-    sync(device)
-    t0 = clock()
-    for fn in fns:
-        fn()
-    sync(device)
-    first = clock() - t0
+    first = 0.0
+    if config.warmup > 0:
+        sync(device)
+        t0 = clock()
+        for fn in fns:
+            fn()
+        sync(device)
+        first = clock() - t0
     start = clock()
     for _ in range(max(0, config.warmup - 1)):
         if clock() - start >= config.max_time_s:
