@@ -95,7 +95,8 @@ class QuantizationConfig:
             (embeddings, ``lm_head``, classifier heads, layer norms); ``[]`` quantizes every target.
         include_embeddings: also fake-quantize ``nn.Embedding`` weights (weight only) and drop the embedding entries
             from the default skip list.
-        backend: deployment backend, a :class:`Backend` or its string value (``"x86"`` or ``"torchao"``).
+        backend: deployment backend, a :class:`Backend` or its string value (``"x86"`` or ``"torchao"``); None
+            picks ``"x86"`` for the int8 schemes and ``"torchao"`` for the int4 ones.
 
     Raises:
         ValueError: unknown scheme or backend, a non-positive group size, an int4 scheme with the x86 backend.
@@ -111,11 +112,13 @@ class QuantizationConfig:
     targets: Sequence[str] | None = None
     skip: Sequence[str] | None = None
     include_embeddings: bool = False
-    backend: Backend | str = Backend.X86
+    backend: Backend | str | None = None
     _resolved_skip: tuple[str, ...] = field(default=(), init=False, repr=False)
 
     def __post_init__(self) -> None:
         self.scheme = parse_enum(Scheme, self.scheme, "scheme")
+        if self.backend is None:
+            self.backend = Backend.TORCHAO if self.scheme.uses_groups else Backend.X86
         self.backend = parse_enum(Backend, self.backend, "backend")
         if isinstance(self.group_size, bool) or not isinstance(self.group_size, int) or self.group_size <= 0:
             raise ValueError(

@@ -1,0 +1,196 @@
+"""Core QAT verbs on bare modules (no Trainer): selection, fake-quant training, convert, freeze, deploy, errors."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from helpers import VOCAB, tiny_bert, tiny_llama
+from torch import nn
+
+from lightning_latency.quantization import (
+    QuantizationConfig,
+    convert_qat,
+    deploy,
+    freeze_ranges,
+    is_converted,
+    prepare_qat,
+    strip_qat,
+    unconvert_qat,
+    weight_error,
+)
+from lightning_latency.quantization.qat import fake_quantized_modules, is_frozen
+
+
+def _inputs(batch: int = 2, seq: int = 16) -> dict[str, torch.Tensor]:
+    ids = torch.randint(0, VOCAB, (batch, seq), generator=torch.Generator().manual_seed(1))
+    return {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+
+
+def _linears(model: nn.Module) -> set[str]:
+    return {n for n, m in model.named_modules() if isinstance(m, nn.Linear)}
+
+
+def test_prepare_swaps_encoder_linears_and_skips_heads_and_embeddings() -> None:
+    model = tiny_bert()
+    names = prepare_qat(model, QuantizationConfig())
+    fq = fake_quantized_modules(model)
+    assert set(names) == set(fq)
+    # every linear of the encoder and pooler, nothing else
+    assert set(fq) == _linears(model) - {"classifier"}
+    assert "classifier" not in fq and all("embeddings" not in n for n in fq)
+    assert not any(isinstance(m, nn.Embedding) and m in fq.values() for m in model.modules())
+    assert all(type(m).__name__ == "LayerNorm" for n, m in model.named_modules() if "LayerNorm" in n)
+
+
+def test_prepare_llama_skips_lm_head_and_embeddings_unless_asked() -> None:
+    model = tiny_llama()
+    names = prepare_qat(model, QuantizationConfig(scheme="int8_int4", group_size=32))
+    assert "lm_head" not in names and not any("embed" in n for n in names)
+    assert any(n.endswith("mlp.down_proj") for n in names) and any(n.endswith("self_attn.k_proj") for n in names)
+    model = tiny_llama()
+    names = prepare_qat(model, QuantizationConfig(scheme="int8_weight_only", include_embeddings=True))
+    assert "model.embed_tokens" in names and "lm_head" not in names
+
+
+def test_skip_and_targets_are_overridable_by_name_and_type() -> None:
+    model = tiny_bert()
+    names = prepare_qat(model, QuantizationConfig(targets=["*attention*"], skip=["*output.dense"]))
+    assert names and all("attention" in n and not n.endswith("output.dense") for n in names)
+    model = tiny_bert()
+    names = prepare_qat(model, QuantizationConfig(skip=["BertIntermediate"]))  # class name of a parent
+    assert names and not any("intermediate" in n for n in names)
+    assert "classifier" in prepare_qat(tiny_bert(), QuantizationConfig(skip=[]))
+
+
+def test_prepare_is_idempotent_and_shares_parameters() -> None:
+    model = tiny_bert()
+    weight = model.bert.encoder.layer[0].intermediate.dense.weight
+    first = prepare_qat(model)
+    quantizer = model.bert.encoder.layer[0].intermediate.dense.weight_fake_quantizer
+    assert prepare_qat(model) == first
+    layer = model.bert.encoder.layer[0].intermediate.dense
+    assert layer.weight is weight and layer.weight_fake_quantizer is quantizer
+
+
+def test_fake_quant_training_runs_backward_and_changes_outputs() -> None:
+    ref, model = tiny_bert(), tiny_bert()
+    prepare_qat(model)
+    inputs = _inputs()
+    out = model(**inputs, labels=torch.tensor([0, 1]))
+    assert not torch.equal(out.logits, ref(**inputs).logits)  # quantization error is visible to training
+    out.loss.backward()
+    grads = [m.weight.grad for m in fake_quantized_modules(model).values()]
+    assert all(g is not None and g.abs().sum() > 0 for g in grads)  # straight-through estimator passes gradients
+    errors = weight_error(model)
+    assert len(errors) == len(grads) and all(0 < e < 0.02 for e in errors.values())  # int8: ~0.6% relative
+
+
+# Tolerance: converted vs fake-quant logits. The converted kernels compute the same quantized values; the rest is
+# float rounding (int8 accumulation vs fp32 matmul of dequantized values) — at most 1e-3 on logits of size ~0.1.
+@pytest.mark.parametrize("scheme", ["int8_dynamic", "int8_int4", "int8_weight_only", "int4_weight_only"])
+def test_converted_output_matches_fake_quant(scheme: str) -> None:
+    config = QuantizationConfig(scheme=scheme, group_size=32, backend="torchao")
+    model = tiny_bert().eval()
+    prepare_qat(model, config)
+    inputs = _inputs()
+    with torch.no_grad():
+        fake = model(**inputs).logits
+        names = convert_qat(model, config)
+        real = model(**inputs).logits
+    assert is_converted(model) and not fake_quantized_modules(model) and len(names) == 13
+    torch.testing.assert_close(real, fake, atol=1e-3, rtol=0)
+
+
+def test_embedding_qat_converts() -> None:
+    config = QuantizationConfig(scheme="int8_weight_only", include_embeddings=True)
+    model = tiny_llama().eval()
+    prepare_qat(model, config)
+    ids = _inputs()["input_ids"]
+    with torch.no_grad():
+        fake = model(input_ids=ids).logits
+        convert_qat(model, config)
+        real = model(input_ids=ids).logits
+    assert type(model.model.embed_tokens.weight).__name__ == "IntxUnpackedToInt8Tensor"
+    torch.testing.assert_close(real, fake, atol=1e-3, rtol=0)
+
+
+def test_freeze_ranges_fixes_the_weight_grid_and_is_saved() -> None:
+    model = tiny_bert()
+    prepare_qat(model)
+    frozen = freeze_ranges(model)
+    assert frozen and is_frozen(model) and freeze_ranges(model) == []
+    layer = model.bert.encoder.layer[0].intermediate.dense
+    scale = layer.weight_fake_quantizer.scale.clone()
+    with torch.no_grad():
+        layer.weight.mul_(3.0)
+    layer(torch.randn(2, layer.in_features))
+    torch.testing.assert_close(layer.weight_fake_quantizer.scale, scale)  # not recomputed from the bigger weight
+    assert "bert.encoder.layer.0.intermediate.dense.weight_fake_quantizer.scale" in model.state_dict()
+
+
+def test_unconvert_and_strip_give_float_models_with_the_same_function() -> None:
+    model = tiny_bert().eval()
+    prepare_qat(model)
+    convert_qat(model)
+    inputs = _inputs()
+    with torch.no_grad():
+        real = model(**inputs).logits
+        unconvert_qat(model)
+        assert not is_converted(model) and model.classifier.weight.dtype == torch.float32
+        torch.testing.assert_close(model(**inputs).logits, real, atol=1e-3, rtol=0)
+    prepare_qat(model)
+    strip_qat(model)
+    assert not fake_quantized_modules(model) and type(model.bert.pooler.dense) is nn.Linear
+
+
+def test_deploy_x86_matches_fake_quant_and_leaves_model_alone() -> None:
+    model = tiny_bert().eval()
+    prepare_qat(model)
+    inputs = _inputs()
+    with torch.no_grad():
+        fake = model(**inputs).logits
+    deployed = deploy(model, inputs, calibration=[_inputs(2, 16)], compile=False)
+    assert deployed.backend == "x86" and "classifier" not in deployed.quantized
+    # static per-tensor int8 activations instead of dynamic per-token: a looser tolerance than convert_qat
+    torch.testing.assert_close(deployed(**inputs).logits, fake, atol=5e-3, rtol=0)
+    assert fake_quantized_modules(model)  # the training model is untouched
+
+
+def test_deploy_compiled_with_freezing_runs() -> None:
+    model = tiny_bert(layers=1).eval()
+    prepare_qat(model)
+    inputs = _inputs(1, 16)
+    deployed = deploy(model, inputs)
+    with torch.no_grad():
+        ref = deployed.reference(**inputs).logits
+    torch.testing.assert_close(deployed(**inputs).logits, ref, atol=1e-3, rtol=0)
+
+
+@pytest.mark.parametrize(
+    ("make", "match"),
+    [
+        (lambda: QuantizationConfig(scheme="int3"), r"`scheme` must be one of .*'int8_dynamic'.*got 'int3'"),
+        (lambda: QuantizationConfig(backend="tpu"), r"`backend` must be one of .*'x86'.*got 'tpu'"),
+        (lambda: QuantizationConfig(group_size=0), r"`group_size` must be a positive int.*got 0"),
+        (lambda: QuantizationConfig(scheme="int4_weight_only", backend="x86"), r"`backend`='x86'.*int4.*backend='torchao'"),
+        (lambda: QuantizationConfig(skip=[nn.Linear]), r"`skip` must be a list of fnmatch patterns"),
+        (lambda: prepare_qat(tiny_bert(), QuantizationConfig(targets=["*nothing*"])),
+         r"Nothing to quantize: `targets`=\['\*nothing\*'\].*Candidates: 'bert.encoder"),
+        (lambda: prepare_qat(tiny_bert(), QuantizationConfig(scheme="int8_int4", group_size=48, backend="torchao")),
+         r"`group_size`=48 does not divide the input size 64 of layer 'bert.encoder.layer.0.attention.self.query'"
+         r".*Pass group_size=64"),
+        (lambda: convert_qat(tiny_bert()), r"no fake-quantized modules to convert.*prepare_qat"),
+        (lambda: deploy(tiny_bert().to("meta"), _inputs()), r"`backend`='x86'.*CPU only.*\['meta'\].*backend='torchao'"),
+    ],
+)
+def test_misconfiguration(make, match: str) -> None:
+    with pytest.raises(ValueError, match=match):
+        make()
+
+
+def test_prepare_on_converted_model_names_the_fix() -> None:
+    model = tiny_bert()
+    prepare_qat(model)
+    convert_qat(model)
+    with pytest.raises(ValueError, match=r"already converted.*unconvert_qat"):
+        prepare_qat(model)
