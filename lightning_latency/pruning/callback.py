@@ -145,6 +145,7 @@ class MagnitudePruning(CallbackBase):
 
     @override
     def setup(self, trainer: Any, pl_module: Any, stage: str) -> None:
+        self._check_strategy(trainer)
         try:
             if self.config.mode is PruningMode.STRUCTURED:
                 blocks_or_raise(pl_module, self.config)  # converts GPT-2 Conv1D to Linear before optimizers exist
@@ -156,6 +157,15 @@ class MagnitudePruning(CallbackBase):
                 resolve_targets(pl_module, self.config)
         except ValueError as err:
             raise MisconfigurationException(str(err)) from err
+
+    def _check_strategy(self, trainer: Any) -> None:
+        if self.config.mode is PruningMode.STRUCTURED and getattr(trainer.strategy, "_start_method", None) == "spawn":
+            # ddp_spawn copies the final weights back into the main process's (full-size) module, where no hook of
+            # ours runs, so the load fails on the shrunken shapes.
+            raise MisconfigurationException(
+                "MagnitudePruning(mode='structured') cannot be used with strategy='ddp_spawn': the main process "
+                "cannot take the pruned shapes back. use strategy='ddp' (or a single device), or a masked mode."
+            )
 
     @override
     def on_fit_start(self, trainer: Any, pl_module: Any) -> None:
