@@ -137,13 +137,18 @@ class _ChunkedSum(torch.autograd.Function):
                     (g,) = torch.autograd.grad(loss, s)
                     grad[sl] = g  # type: ignore[index]
             total += loss.detach()
-        ctx.save_for_backward(grad if need_grad else torch.empty(0))
+        # Kept on ctx (not save_for_backward) so backward can scale it in place: a second logits-sized tensor
+        # would double the peak this function exists to cut. The price: no second backward (retain_graph).
+        ctx.grad = grad
         return total
 
     @staticmethod
     def backward(ctx, grad_out: Tensor):  # type: ignore[override]
-        (grad,) = ctx.saved_tensors
-        return grad * grad_out.to(grad.dtype), None, None, None, None, None, None
+        grad, ctx.grad = ctx.grad, None
+        if grad is None:
+            raise RuntimeError("the chunked distillation loss supports one backward pass per forward "
+                               "(retain_graph=True / double backward is not supported); use chunk_size=None.")
+        return grad.mul_(grad_out.to(grad.dtype)), None, None, None, None, None, None
 
 
 def reduce_loss(
