@@ -80,34 +80,26 @@ def student_from_teacher_layers(teacher: nn.Module, layers: Sequence[int] | None
     return student.requires_grad_(True).train()
 
 
-def student_from_pruned_teacher(
-    teacher: nn.Module, sparsity: float = 0.5, example_inputs: Any = None, **config_kwargs: Any
-) -> nn.Module:
-    """A structurally pruned copy of ``teacher`` (heads and FFN neurons removed) to distil into.
+def student_from_pruned_teacher(teacher: nn.Module, sparsity: float = 0.5, **config_kwargs: Any) -> nn.Module:
+    """A structurally pruned copy of ``teacher`` (attention heads and MLP neurons removed) to distil into.
 
     Calls ``lightning_latency.pruning.prune_step(copy, PruningConfig(mode="structured", **config_kwargs),
-    sparsity)``; the import happens here so the distillation package does not depend on torch-pruning.
+    sparsity)``; the import happens here so the distillation package does not depend on the pruning package.
 
     Args:
-        teacher: the model to copy; not modified.
-        sparsity: fraction of prunable structure to remove, in ``(0, 1)``.
-        example_inputs: forwarded to ``PruningConfig`` when given (tracing input for the dependency graph).
-        **config_kwargs: further ``PruningConfig`` fields.
+        teacher: a Hugging Face BERT-, Llama- or GPT-2-family model; not modified.
+        sparsity: fraction of heads and neurons to remove, in ``(0, 1)``.
+        **config_kwargs: further ``PruningConfig`` fields (``prune_heads``, ``prune_neurons``, ``importance`` ...).
+
+    Returns:
+        The pruned copy, trainable and in train mode.
     """
-    if not (isinstance(sparsity, (int, float)) and 0.0 < sparsity < 1.0):
+    if isinstance(sparsity, bool) or not (isinstance(sparsity, (int, float)) and 0.0 < sparsity < 1.0):
         raise ValueError(f"`sparsity` must be in (0, 1), got {sparsity!r}. For half the heads/neurons pass 0.5.")
-    try:
-        from lightning_latency.pruning import PruningConfig, prune_step
-    except ImportError as err:  # pragma: no cover - depends on the pruning package being present
-        raise ImportError(f"student_from_pruned_teacher needs lightning_latency.pruning ({err}); use "
-                          f"student_from_teacher_layers instead.") from err
-    if example_inputs is not None:
-        config_kwargs.setdefault("example_inputs", example_inputs)
+    from lightning_latency.pruning import PruningConfig, prune_step
+
     student = copy.deepcopy(teacher)
-    config = PruningConfig(mode="structured", **config_kwargs)
-    result = prune_step(student, config, sparsity)
-    if isinstance(result, nn.Module):
-        student = result
+    prune_step(student, PruningConfig(mode="structured", **config_kwargs), sparsity)
     return student.requires_grad_(True).train()
 
 

@@ -1,0 +1,50 @@
+"""Student initialisation helpers (lightning_latency/distillation/students.py)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from helpers import tiny_bert, tiny_llama
+
+from lightning_latency.distillation import every_other_layer, student_from_pruned_teacher, student_from_teacher_layers
+
+
+def test_keeping_every_layer_reproduces_the_teacher_and_every_other_layer_halves_it() -> None:
+    teacher = tiny_bert(layers=4).eval()
+    ids = torch.randint(0, 128, (2, 10))
+    same = student_from_teacher_layers(teacher, [0, 1, 2, 3]).eval()
+    torch.testing.assert_close(same(input_ids=ids).logits, teacher(input_ids=ids).logits)
+    half = student_from_teacher_layers(teacher)  # default: every other layer
+    assert every_other_layer(4) == [0, 2]
+    assert len(half.bert.encoder.layer) == half.config.num_hidden_layers == 2
+    assert torch.equal(half.bert.encoder.layer[1].output.dense.weight, teacher.bert.encoder.layer[2].output.dense.weight)
+    assert half.training and all(p.requires_grad for p in half.parameters())
+    assert len(teacher.bert.encoder.layer) == 4  # the teacher is untouched
+
+
+def test_llama_layer_dropped_student_generates_with_a_kv_cache() -> None:
+    teacher = tiny_llama(layers=4).eval()
+    student = student_from_teacher_layers(teacher, [0, 3]).eval()
+    assert [layer.self_attn.layer_idx for layer in student.model.layers] == [0, 1]
+    ids = torch.randint(0, 128, (1, 6))
+    out = student.generate(ids, max_new_tokens=4, do_sample=False, use_cache=True)
+    ref = student.generate(ids, max_new_tokens=4, do_sample=False, use_cache=False)
+    assert torch.equal(out, ref) and out.shape == (1, 10)
+
+
+@pytest.mark.parametrize("layers", [[], [0, 4], [2, 1], [1, 1]])
+def test_bad_layer_lists_are_clear_errors(layers: list[int]) -> None:
+    with pytest.raises(ValueError, match=r"`layers` must be distinct increasing indices in \[0, 3\]"):
+        student_from_teacher_layers(tiny_bert(layers=4), layers)
+
+
+def test_structurally_pruned_student_is_smaller_and_the_teacher_is_untouched() -> None:
+    teacher = tiny_llama(layers=2)
+    n_teacher = sum(p.numel() for p in teacher.parameters())
+    student = student_from_pruned_teacher(teacher, sparsity=0.5)
+    assert sum(p.numel() for p in student.parameters()) < 0.7 * n_teacher
+    assert sum(p.numel() for p in teacher.parameters()) == n_teacher
+    ids = torch.randint(0, 128, (2, 8))
+    assert student(input_ids=ids).logits.shape == teacher(input_ids=ids).logits.shape  # same vocabulary
+    with pytest.raises(ValueError, match=r"`sparsity` must be in \(0, 1\), got 1.0"):
+        student_from_pruned_teacher(teacher, sparsity=1.0)
