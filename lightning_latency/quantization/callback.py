@@ -21,6 +21,7 @@ from typing_extensions import override
 
 from lightning_latency._compat import CallbackBase, rank_zero_info, rank_zero_warn
 from lightning_latency.quantization.config import QuantizationConfig
+from lightning_latency.quantization.checkpoint import CHECKPOINT_KEY, pack_quantized_state, unpack_quantized_state
 from lightning_latency.quantization.qat import (
     _is_quantized_tensor,
     convert_qat,
@@ -39,6 +40,11 @@ _PHASES = ("float", "prepared", "frozen", "converted")
 def _non_negative_int(name: str, value: Any, fix: str) -> None:
     if isinstance(value, bool) or not isinstance(value, int) or value < 0:
         raise ValueError(f"`{name}` must be an int >= 0, got {value!r}. {fix}")
+
+
+def _spawned(trainer: Any) -> bool:
+    """True when the trainer runs in worker processes whose weights come back to the parent via a checkpoint file."""
+    return type(getattr(trainer.strategy, "launcher", None)).__name__ == "_MultiProcessingLauncher"
 
 
 class QuantizationAwareTraining(CallbackBase):
@@ -119,6 +125,7 @@ class QuantizationAwareTraining(CallbackBase):
         self.converted = False
         self._restored_phase = "float"
         self._hook_handle: Any = None
+        self._trainer: Any = None
 
     @property
     @override
@@ -128,7 +135,7 @@ class QuantizationAwareTraining(CallbackBase):
 
     def __getstate__(self) -> dict[str, Any]:  # ddp_spawn pickles callbacks; hook handles do not pickle
         state = self.__dict__.copy()
-        state["_hook_handle"] = None
+        state["_hook_handle"] = state["_trainer"] = None
         return state
 
     # ------------------------------------------------------------------ schedule
@@ -184,26 +191,38 @@ class QuantizationAwareTraining(CallbackBase):
             self._log(trainer, self._error_metrics(pl_module))
 
     # ------------------------------------------------------------------ checkpoint plumbing
+    @override
+    def on_save_checkpoint(self, trainer: Any, pl_module: Any, checkpoint: dict[str, Any]) -> None:
+        packed = pack_quantized_state(checkpoint.get("state_dict", {}))
+        if packed:
+            checkpoint[CHECKPOINT_KEY] = packed
+
     def _before_weights_load(self, module: nn.Module, state_dict: dict[str, Any], prefix: str, *args: Any) -> None:
         """Load-state-dict pre-hook on the LightningModule: reshape a fresh model into the checkpoint's form."""
+        # Lightning has read the whole checkpoint before it loads the weights; our packed int8 data sits beside them.
+        loaded = getattr(getattr(self._trainer, "_checkpoint_connector", None), "_loaded_checkpoint", None) or {}
+        packed = loaded.get(CHECKPOINT_KEY) or {}
         keys = [k for k in state_dict if k.startswith(prefix)]
-        converted = any(_is_quantized_tensor(state_dict[k]) for k in keys)
+        converted = bool(packed) or any(_is_quantized_tensor(state_dict[k]) for k in keys)
         frozen = any(k.endswith("weight_fake_quantizer.scale") for k in keys)
-        if not (converted or frozen) or is_converted(module):
+        if not (converted or frozen):
             return
-        if not is_prepared(module):
-            self.quantized = prepare_qat(module, self.config)
-        if converted:
+        if converted and not is_converted(module):
+            if not is_prepared(module):
+                self.quantized = prepare_qat(module, self.config)
             convert_qat(module, self.config)
             self.converted = True
-        elif frozen:
+        elif frozen and not is_converted(module):
             freeze_ranges(module)  # creates the scale buffers; the checkpoint's values are copied into them next
+        if packed:
+            unpack_quantized_state(module, state_dict, packed, prefix)
 
     @override
     def setup(self, trainer: Any, pl_module: Any, stage: str) -> None:
         # Lightning calls `setup` before restoring a checkpoint's weights, so the hook sees them first.
         if self._hook_handle is not None:
             self._hook_handle.remove()
+        self._trainer = trainer
         self._hook_handle = pl_module.register_load_state_dict_pre_hook(self._before_weights_load)
         if stage == "fit" and is_converted(pl_module):
             names = unconvert_qat(pl_module)
@@ -223,6 +242,7 @@ class QuantizationAwareTraining(CallbackBase):
         if self._hook_handle is not None:
             self._hook_handle.remove()
             self._hook_handle = None
+        self._trainer = None
 
     # ------------------------------------------------------------------ training hooks
     @override
@@ -254,11 +274,22 @@ class QuantizationAwareTraining(CallbackBase):
                 )
             return
         self._log_error(trainer, pl_module)
-        if self.convert_on_fit_end:
-            self.convert(pl_module, trainer)
+        if not self.convert_on_fit_end:
+            return
+        if _spawned(trainer):
+            rank_zero_warn(
+                "QuantizationAwareTraining: not converting at fit end under a spawn-based strategy (ddp_spawn): Lightning "
+                "returns the weights to the main process through torch.load with a callable map_location, which cannot "
+                "carry torchao int8 tensors. The main process gets the QAT-trained float weights: call "
+                "`callback.convert(model)` there (or deploy(model, ...)), or use strategy='ddp' to convert in place."
+            )
+            return
+        self.convert(pl_module, trainer)
 
     def convert(self, pl_module: nn.Module, trainer: Any = None) -> list[str]:
-        """Convert the fake-quantized modules of ``pl_module`` to real quantized weights now (on request)."""
+        """Convert ``pl_module`` to real quantized weights now (on request); prepares it first if it is float."""
+        if not is_prepared(pl_module):
+            self.quantized = prepare_qat(pl_module, self.config)
         names = convert_qat(pl_module, self.config)
         self.converted = True
         if trainer is not None:
