@@ -12,7 +12,7 @@ from typing_extensions import override
 from lightning_latency._compat import CallbackBase, MisconfigurationException, rank_zero_info, rank_zero_warn
 from lightning_latency.pruning.config import PruningConfig, PruningMode
 from lightning_latency.pruning.core import model_counts, prune_step, structured_sparsity
-from lightning_latency.pruning.masks import apply_masks, mask_sparsity
+from lightning_latency.pruning.masks import MaskApplier, apply_masks, mask_sparsity
 from lightning_latency.pruning.schedule import PruningSchedule
 from lightning_latency.pruning.structured import (
     blocks_or_raise,
@@ -123,6 +123,7 @@ class MagnitudePruning(CallbackBase):
         self._original: dict[str, dict[str, int]] = {}
         self._rewind_state: dict[str, torch.Tensor] | None = None
         self._hook: Any = None
+        self._applier: MaskApplier | None = None
         self._warned = False
 
     @property
@@ -195,7 +196,9 @@ class MagnitudePruning(CallbackBase):
     @override
     def on_train_batch_end(self, trainer: Any, pl_module: Any, outputs: Any, batch: Any, batch_idx: int) -> None:
         if self._masks:  # after the optimizer step: pruned weights moved, put them back to zero
-            apply_masks(pl_module, self._masks)
+            if self._applier is None:
+                self._applier = MaskApplier(pl_module, self._masks)
+            self._applier()
         if self.rewind_to == trainer.global_step and self._rewind_state is None:
             self._snapshot(pl_module)
         if self.interval == "step":
@@ -206,7 +209,7 @@ class MagnitudePruning(CallbackBase):
         if self._masks:
             apply_masks(pl_module, self._masks)
             if self.make_permanent:
-                self._masks = {}
+                self._masks, self._applier = {}, None
         self._log(trainer, pl_module, final=True)
 
     @override
@@ -233,6 +236,7 @@ class MagnitudePruning(CallbackBase):
         self._position = state_dict.get("position", -1)
         self._sparsity = state_dict.get("sparsity", 0.0)
         self._masks = dict(state_dict.get("masks", {}))
+        self._applier = None
         self._structure = dict(state_dict.get("structure", {}))
         self._original = dict(state_dict.get("original", {}))
         self._rewind_state = state_dict.get("rewind_state")
@@ -252,6 +256,7 @@ class MagnitudePruning(CallbackBase):
             result = prune_step(pl_module, self.config, self._sparsity, masks=self._masks)
             # identical on every rank even if a kernel were non-deterministic: rank 0's masks win
             self._masks = trainer.strategy.broadcast(result.masks, src=0) if trainer.world_size > 1 else result.masks
+            self._applier = None
             if self._rewind_state is not None:
                 pl_module.load_state_dict(self._rewind_state, strict=False)
             apply_masks(pl_module, self._masks)

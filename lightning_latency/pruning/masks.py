@@ -36,11 +36,19 @@ def _scores(name: str, weight: torch.Tensor, config: PruningConfig) -> torch.Ten
 
 
 def _keep_topk(scores: torch.Tensor, n_keep: int) -> torch.Tensor:
-    mask = torch.zeros(scores.numel(), dtype=torch.bool, device=scores.device)
-    if n_keep > 0:
-        # stable: among equal scores the lower index wins, identically on every rank
-        order = torch.argsort(scores.flatten(), descending=True, stable=True)
-        mask[order[:n_keep]] = True
+    """Mask keeping exactly the ``n_keep`` highest scores; ties at the threshold go to the lowest indices, so every
+    rank and every run picks the same weights. ``kthvalue`` is several times faster than a full sort here."""
+    flat = scores.flatten()
+    n_prune = flat.numel() - n_keep
+    if n_prune <= 0:
+        return torch.ones_like(scores, dtype=torch.bool)
+    if n_keep <= 0:
+        return torch.zeros_like(scores, dtype=torch.bool)
+    threshold = flat.kthvalue(n_prune).values
+    mask = flat > threshold
+    missing = n_keep - int(mask.sum())
+    if missing > 0:
+        mask[(flat == threshold).nonzero().flatten()[:missing]] = True
     return mask.view_as(scores)
 
 
@@ -115,6 +123,25 @@ def apply_masks(model: nn.Module, masks: dict[str, torch.Tensor]) -> None:
             mask = mask.to(weight.device)
             masks[name] = mask
         weight.mul_(mask)
+
+
+class MaskApplier:
+    """Re-applies fixed masks fast: one fused ``torch._foreach_mul_`` over all masked weights.
+
+    Keeps a copy of each mask in its weight's dtype (memory: one extra copy of the masked weights) because a
+    per-layer ``weight.mul_(bool_mask)`` re-casts the mask on every call and was ~3x slower on CPU (torch 2.13).
+    Build a new one whenever the masks or the parameters change.
+    """
+
+    def __init__(self, model: nn.Module, masks: dict[str, torch.Tensor]) -> None:
+        modules = dict(model.named_modules())
+        self.weights = [modules[name].weight for name in masks]
+        self.factors = [m.to(device=w.device, dtype=w.dtype) for m, w in zip(masks.values(), self.weights)]
+
+    @torch.no_grad()
+    def __call__(self) -> None:
+        if self.weights:
+            torch._foreach_mul_([w.data for w in self.weights], self.factors)
 
 
 def mask_sparsity(masks: dict[str, torch.Tensor]) -> float:
