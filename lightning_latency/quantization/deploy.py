@@ -43,7 +43,11 @@ class DeployedModel(nn.Module):
         self.quantized = quantized
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
-        with torch.no_grad():
+        from torch._inductor import config as inductor_config
+
+        # The patch is kept on every call so that a recompile (e.g. first call under inference_mode instead of
+        # no_grad) also freezes; without freezing the x86 int8 graph is not faster than fp32.
+        with torch.no_grad(), inductor_config.patch(freezing=True):
             return self.compiled(*args, **kwargs)
 
 
@@ -157,10 +161,7 @@ def deploy(
     # Compile now, at the first call, with freezing (constant-folds the int8 weights and prepacks them for oneDNN;
     # it needs no_grad calls, see DeployedModel.forward). In torch 2.13 `torch.compile(options={"freezing": True})`
     # fails on the x86 int8 graph (fake-tensor `onednn.qlinear_prepack`); patching the inductor config works.
-    from torch._inductor import config as inductor_config
-
-    with inductor_config.patch(freezing=True):
-        deployed(*args, **kwargs)
+    deployed(*args, **kwargs)
     return deployed
 
 
