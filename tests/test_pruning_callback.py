@@ -13,7 +13,7 @@ from torch.utils.data import DataLoader
 
 from helpers import HFModule, RankStateDump, TokenDataset, read_csv_metrics, trainer_kwargs
 from lightning_latency._compat import CallbackBase, LightningModule, MisconfigurationException, Trainer, pl
-from lightning_latency.pruning import structure
+from lightning_latency.pruning import reshape_to_state_dict, structure
 from lightning_latency.pruning.callback import MagnitudePruning
 from lightning_latency.pruning.targets import resolve_targets
 
@@ -168,8 +168,9 @@ def test_structured_spawn_ddp_is_refused_clearly(tmp_path: Path) -> None:
     pruning = MagnitudePruning(mode="structured", final_sparsity=0.5)
     spawn_trainer = SimpleNamespace(strategy=SimpleNamespace(_start_method="spawn"))
     with pytest.raises(MisconfigurationException, match=r"strategy='ddp_spawn'.*use strategy='ddp'"):
-        pruning._check_strategy(spawn_trainer)
-    pruning._check_strategy(SimpleNamespace(strategy=SimpleNamespace(_start_method="popen")))  # plain ddp is fine
+        pruning._check_strategy(spawn_trainer, HFModule())
+    pruning._check_strategy(SimpleNamespace(strategy=SimpleNamespace(_start_method="popen")), HFModule())  # ddp
+    pruning._check_strategy(spawn_trainer, _ReshapingHFModule())  # reshapes itself before loading: allowed
 
 
 # ----------------------------------------------------------------------------------------------- resume
@@ -225,6 +226,37 @@ def test_ddp_ranks_end_with_identical_masks(tmp_path: Path) -> None:
         assert torch.equal(rank0[key], rank1[key]), key
     zero = rank0["zeros:model.bert.encoder.layer.0.intermediate.dense.weight"].float().mean().item()
     assert zero == pytest.approx(0.5, abs=1e-3)
+
+
+class _ReshapingHFModule(HFModule):
+    """The documented user-side fix for ddp_spawn: shrink to the incoming shapes before loading (main process)."""
+
+    def load_state_dict(self, state_dict: Any, *args: Any, **kwargs: Any) -> Any:
+        reshape_to_state_dict(self, state_dict)
+        return super().load_state_dict(state_dict, *args, **kwargs)
+
+
+def _shapes_and_weights(pl_module: Any) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in pl_module.state_dict().items()}
+
+
+@pytest.mark.ddp
+def test_ddp_structured_ranks_end_with_identical_shapes_and_weights(tmp_path: Path) -> None:
+    """After each structural step the DDP wrapper and optimizer are rebuilt: gradients stay in sync across ranks
+    (each rank sees different data, so unsynced ranks would diverge)."""
+    pruning = MagnitudePruning(mode="structured", final_sparsity=0.5, start=1, end=3, frequency=2)
+    dump = RankStateDump(tmp_path, fn=_shapes_and_weights)
+    module = _ReshapingHFModule(kind="llama")
+    trainer = Trainer(**trainer_kwargs(tmp_path, strategy="ddp_spawn", devices=2, max_steps=5, logger=False,
+                                       callbacks=[pruning, dump]))
+    trainer.fit(module)
+    rank0 = torch.load(tmp_path / "rank0.pt", weights_only=True)
+    rank1 = torch.load(tmp_path / "rank1.pt", weights_only=True)
+    assert rank0.keys() == rank1.keys()
+    for key in rank0:
+        torch.testing.assert_close(rank0[key], rank1[key], rtol=0, atol=0, msg=key)
+    assert rank0["model.model.layers.0.mlp.up_proj.weight"].shape[0] == 64
+    assert structure(module)["model.model.layers.0.mlp"]["neurons"] == 64  # main process took the pruned shapes
 
 
 # ----------------------------------------------------------------------------------------------- CLI recipes

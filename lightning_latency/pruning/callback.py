@@ -9,7 +9,13 @@ import torch
 from torch import nn
 from typing_extensions import override
 
-from lightning_latency._compat import CallbackBase, MisconfigurationException, rank_zero_info, rank_zero_warn
+from lightning_latency._compat import (
+    CallbackBase,
+    LightningModule,
+    MisconfigurationException,
+    rank_zero_info,
+    rank_zero_warn,
+)
 from lightning_latency.pruning.config import PruningConfig, PruningMode
 from lightning_latency.pruning.core import model_counts, prune_step, structured_sparsity
 from lightning_latency.pruning.masks import MaskApplier, apply_masks, mask_sparsity
@@ -146,7 +152,7 @@ class MagnitudePruning(CallbackBase):
 
     @override
     def setup(self, trainer: Any, pl_module: Any, stage: str) -> None:
-        self._check_strategy(trainer)
+        self._check_strategy(trainer, pl_module)
         try:
             if self.config.mode is PruningMode.STRUCTURED:
                 blocks_or_raise(pl_module, self.config)  # converts GPT-2 Conv1D to Linear before optimizers exist
@@ -159,14 +165,20 @@ class MagnitudePruning(CallbackBase):
         except ValueError as err:
             raise MisconfigurationException(str(err)) from err
 
-    def _check_strategy(self, trainer: Any) -> None:
-        if self.config.mode is PruningMode.STRUCTURED and getattr(trainer.strategy, "_start_method", None) == "spawn":
-            # ddp_spawn copies the final weights back into the main process's (full-size) module, where no hook of
-            # ours runs, so the load fails on the shrunken shapes.
-            raise MisconfigurationException(
-                "MagnitudePruning(mode='structured') cannot be used with strategy='ddp_spawn': the main process "
-                "cannot take the pruned shapes back. use strategy='ddp' (or a single device), or a masked mode."
-            )
+    def _check_strategy(self, trainer: Any, pl_module: Any = None) -> None:
+        if self.config.mode is not PruningMode.STRUCTURED:
+            return
+        if getattr(trainer.strategy, "_start_method", None) != "spawn":
+            return
+        # ddp_spawn copies the final weights back into the main process's (full-size) module, where no hook of ours
+        # runs: that load fails on the shrunken shapes unless the module reshapes itself first.
+        if pl_module is not None and type(pl_module).load_state_dict is not LightningModule.load_state_dict:
+            return
+        raise MisconfigurationException(
+            "MagnitudePruning(mode='structured') with strategy='ddp_spawn': the main process cannot take the pruned "
+            "shapes back. use strategy='ddp' (or one device), a masked mode, or override your LightningModule's "
+            "load_state_dict to call lightning_latency.pruning.reshape_to_state_dict(self, state_dict) first."
+        )
 
     @override
     def on_fit_start(self, trainer: Any, pl_module: Any) -> None:
