@@ -250,3 +250,25 @@ def test_nm_masks_keep_n_of_every_m_inputs(builder) -> None:
         weight = mod.weight if isinstance(mod, nn.Linear) else mod.weight.t()  # GPT-2 Conv1D is (in, out)
         nonzero_per_group = (weight != 0).reshape(weight.shape[0], -1, 4).sum(-1)
         assert (nonzero_per_group <= 2).all(), name
+
+
+# ----------------------------------------------------------------------------------------------- real weights
+
+
+@pytest.mark.real_weights
+def test_real_smollm2_gqa_structured_prune_generates_and_round_trips(tmp_path) -> None:
+    """SmolLM2-135M (9 query heads / 3 KV heads): a one-shot student for distillation, as the distillation area uses."""
+    from lightning_latency import assets
+
+    model, tokenizer = assets.load_smollm2()
+    prune_step(model, PruningConfig(mode="structured"), 1 / 3)  # 9 -> 6 query heads, MLP 1536 -> 1024
+    attn = model.model.layers[0].self_attn
+    assert (attn.q_proj.out_features, attn.k_proj.out_features, attn.num_key_value_groups) == (6 * 64, 3 * 64, 2)
+    assert model.model.layers[0].mlp.up_proj.out_features == 1024
+    enc = tokenizer("The capital of France is", return_tensors="pt")
+    out = model.generate(**enc, max_new_tokens=6, do_sample=False)
+    assert out.shape[1] == enc["input_ids"].shape[1] + 6
+    save_pruned(model, tmp_path / "student")
+    loaded = load_pruned(tmp_path / "student")
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(**enc).logits, model(**enc).logits, rtol=0, atol=0)
