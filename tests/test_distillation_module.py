@@ -248,3 +248,15 @@ def test_ddp_spawn_two_processes_sync_the_student_and_skip_the_teacher(tmp_path:
     for k, v in t0.items():
         assert torch.equal(r0["teacher"][k], v) and torch.equal(r1["teacher"][k], v)
     assert any(not torch.equal(r0["student"][k], v) for k, v in s0.items())  # the student did train
+
+
+def test_latency_monitor_measures_the_student_not_the_teacher(tmp_path: Path) -> None:
+    from lightning_latency import LatencyMonitor
+
+    student, teacher = _bert_pair()
+    mon = LatencyMonitor(model_attr="student", warmup=1, min_runs=2, max_time_s=0.2, report_file=None,
+                         generation=False)
+    trainer = Trainer(**trainer_kwargs(tmp_path, max_steps=2, callbacks=[mon], limit_val_batches=1))
+    trainer.fit(DistillationModule(student, teacher), _loader(), _loader(seed=1))
+    assert mon.records
+    assert {r["forward"]["num_params"] for r in mon.records} == {sum(p.numel() for p in student.parameters())}
