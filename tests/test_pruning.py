@@ -194,6 +194,19 @@ def test_save_load_pruned_round_trip_is_exact(builder, tmp_path) -> None:
         save_pruned(nn.Linear(2, 2), tmp_path / "x")
 
 
+def test_save_pruned_of_a_model_pruned_inside_a_wrapper(tmp_path) -> None:
+    """The callback prunes the LightningModule; users then save the inner HF model: originals must follow it."""
+    model = tiny_bert().eval()
+    wrapper = nn.ModuleDict({"model": model})
+    prune_step(wrapper, PruningConfig(mode="structured"), 0.5)
+    save_pruned(model, tmp_path / "inner")
+    loaded = load_pruned(tmp_path / "inner")
+    assert loaded.bert.encoder.layer[0].attention.self.attention_head_size == 16
+    ids = _ids()
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(input_ids=ids).logits, model(input_ids=ids).logits, rtol=0, atol=0)
+
+
 def test_reshape_to_state_dict_makes_a_fresh_model_load_a_pruned_one() -> None:
     pruned = tiny_llama()
     prune_step(pruned, PruningConfig(mode="structured"), 0.5)

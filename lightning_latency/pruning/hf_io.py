@@ -27,9 +27,9 @@ _META = "lightning_latency_pruned.json"
 _WEIGHTS = "pruned_state_dict.pt"
 
 
-def _uniform(shapes: dict[str, dict[str, int]], key: str) -> int | None:
-    values = {v[key] for v in shapes.values() if key in v}
-    return next(iter(values)) if len(values) == 1 else None
+def _largest(shapes: dict[str, dict[str, int]], key: str) -> int | None:
+    values = [v[key] for v in shapes.values() if key in v]
+    return max(values) if values else None
 
 
 def save_pruned(model: nn.Module, folder: str | Path) -> Path:
@@ -49,7 +49,7 @@ def save_pruned(model: nn.Module, folder: str | Path) -> Path:
     original = original_structure(model)
     # the config written is the UNPRUNED architecture: HF can build it, and load_pruned shrinks it
     values = config.to_dict()
-    heads, kv, neurons = (_uniform(original, k) for k in ("heads", "kv_heads", "neurons"))
+    heads, kv, neurons = (_largest(original, k) for k in ("heads", "kv_heads", "neurons"))
     if heads is not None:
         values["n_head" if values.get("model_type") == "gpt2" else "num_attention_heads"] = heads
         if "num_key_value_heads" in values:

@@ -57,6 +57,7 @@ class _MLP:
     name: str
     ins: list[nn.Linear] = field(default_factory=list)  # up (and gate) projections: output rows = neurons
     out: nn.Linear | None = None  # down projection: input columns = neurons
+    module: nn.Module | None = None  # the block itself (holds the recorded original width)
 
     @property
     def num_neurons(self) -> int:
@@ -107,13 +108,13 @@ def find_blocks(model: nn.Module, convert: bool = True) -> tuple[list[_Attention
             attns.append(_Attention(name, mod, "gpt2", mod.head_dim, o=o, qkv=qkv))
         inter = getattr(mod, "intermediate", None)
         if hasattr(inter, "dense") and hasattr(out, "dense") and isinstance(inter.dense, nn.Linear):
-            mlps.append(_MLP(name, [inter.dense], out.dense))
+            mlps.append(_MLP(name, [inter.dense], out.dense, mod))
         elif isinstance(getattr(mod, "up_proj", None), nn.Linear) and isinstance(getattr(mod, "down_proj", None),
                                                                                  nn.Linear):
             ins = [mod.up_proj] + ([mod.gate_proj] if isinstance(getattr(mod, "gate_proj", None), nn.Linear) else [])
-            mlps.append(_MLP(name, ins, mod.down_proj))
+            mlps.append(_MLP(name, ins, mod.down_proj, mod))
         elif hasattr(mod, "c_fc") and hasattr(mod, "c_proj") and not hasattr(mod, "c_attn"):
-            mlps.append(_MLP(name, [_linear(mod, "c_fc", convert)], _linear(mod, "c_proj", convert)))
+            mlps.append(_MLP(name, [_linear(mod, "c_fc", convert)], _linear(mod, "c_proj", convert), mod))
     return attns, mlps
 
 
@@ -146,16 +147,39 @@ def _has_conv1d(model: nn.Module) -> bool:
 
 
 def original_structure(model: nn.Module) -> dict[str, dict[str, int]]:
-    """The structure before the first pruning step (recorded on the model the first time it is asked for)."""
-    recorded = getattr(model, _ORIGINAL_ATTR, None)
+    """The structure before the first pruning step.
+
+    Recorded on each attention / MLP module the first time it is asked for (so it follows the blocks into
+    ``deepcopy``, into a LightningModule wrapping the model, or out of one), and restored by :func:`load_pruned`.
+    """
+    attns, mlps = find_blocks(model, convert=False)
+    out: dict[str, dict[str, int]] = {}
+    for a in attns:
+        rec = _record(a.module, {"heads": a.num_heads, "kv_heads": a.num_kv_heads, "head_dim": a.head_dim})
+        out.setdefault(a.name, {}).update(rec)
+    for m in mlps:
+        out.setdefault(m.name, {}).update(_record(m.module, {"neurons": m.num_neurons}))
+    return out
+
+
+def _record(module: nn.Module, current: dict[str, int]) -> dict[str, int]:
+    recorded = module.__dict__.get(_ORIGINAL_ATTR)
     if recorded is None:
-        recorded = structure(model)
-        object.__setattr__(model, _ORIGINAL_ATTR, recorded)
-    return recorded
+        recorded = dict(current)
+        object.__setattr__(module, _ORIGINAL_ATTR, recorded)  # a plain attribute: not a parameter or buffer
+    return dict(recorded)
 
 
 def set_original_structure(model: nn.Module, value: dict[str, dict[str, int]]) -> None:
-    object.__setattr__(model, _ORIGINAL_ATTR, {k: dict(v) for k, v in value.items()})
+    """Declare ``value`` (as returned by :func:`original_structure`) the pre-pruning structure of ``model``."""
+    attns, mlps = find_blocks(model, convert=False)
+    for a in attns:
+        if a.name in value:
+            keys = ("heads", "kv_heads", "head_dim")
+            object.__setattr__(a.module, _ORIGINAL_ATTR, {k: value[a.name][k] for k in keys if k in value[a.name]})
+    for m in mlps:
+        if "neurons" in value.get(m.name, {}):
+            object.__setattr__(m.module, _ORIGINAL_ATTR, {"neurons": value[m.name]["neurons"]})
 
 
 # ----------------------------------------------------------------------------------------------- importance
