@@ -260,3 +260,18 @@ def test_latency_monitor_measures_the_student_not_the_teacher(tmp_path: Path) ->
     trainer.fit(DistillationModule(student, teacher), _loader(), _loader(seed=1))
     assert mon.records
     assert {r["forward"]["num_params"] for r in mon.records} == {sum(p.numel() for p in student.parameters())}
+
+
+def test_magnitude_pruning_in_the_same_trainer_prunes_only_the_student(tmp_path: Path) -> None:
+    from lightning_latency import MagnitudePruning
+
+    student, teacher = _bert_pair()
+    t0 = _clone_state(teacher)
+    pruning = MagnitudePruning(mode="unstructured", final_sparsity=0.5, start=0, end=2, frequency=1,
+                               exclude=[r"^teacher\."], log_per_layer=False)
+    Trainer(**trainer_kwargs(tmp_path, max_steps=3, callbacks=[pruning])).fit(DistillationModule(student, teacher),
+                                                                             _loader())
+    linears = [m.weight for m in student.modules() if isinstance(m, nn.Linear)]
+    zeros = sum(int((w == 0).sum()) for w in linears) / sum(w.numel() for w in linears)
+    assert zeros > 0.3  # the student was pruned
+    assert all(torch.equal(t0[k], v) for k, v in teacher.state_dict().items())  # the teacher was not

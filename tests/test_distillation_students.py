@@ -48,3 +48,21 @@ def test_structurally_pruned_student_is_smaller_and_the_teacher_is_untouched() -
     assert student(input_ids=ids).logits.shape == teacher(input_ids=ids).logits.shape  # same vocabulary
     with pytest.raises(ValueError, match=r"`sparsity` must be in \(0, 1\), got 1.0"):
         student_from_pruned_teacher(teacher, sparsity=1.0)
+
+
+@pytest.mark.real_weights
+def test_minilm_every_other_layer_student_distils_on_real_reviews() -> None:
+    from lightning_latency import assets
+    from lightning_latency.distillation.module import DistillationModule
+
+    teacher, tok = assets.load_minilm(num_labels=2)
+    student = student_from_teacher_layers(teacher)
+    assert len(student.bert.encoder.layer) == 3
+    texts, labels = assets.rotten_tomatoes()
+    batch = dict(tok(texts[:4], padding=True, return_tensors="pt"), labels=torch.tensor(labels[:4]))
+    module = DistillationModule(student, teacher, alpha=0.5)
+    out = module.compute_losses(batch)
+    assert torch.isfinite(out["loss"]) and out["kd_loss"] > 0
+    out["loss"].backward()
+    assert student.bert.encoder.layer[0].output.dense.weight.grad is not None
+    assert all(p.grad is None for p in teacher.parameters())
