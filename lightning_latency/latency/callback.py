@@ -139,7 +139,7 @@ class LatencyMonitor(CallbackBase):
         overrides = {k: v for k, v in dict(warmup=warmup, min_runs=min_runs, max_time_s=max_time_s, threads=threads,
                                            device=device, compile=compile).items() if v is not None}
         base = config or DEFAULT_MONITOR_CONFIG
-        if "max_time_s" in overrides and overrides["max_time_s"] < base.min_time_s:
+        if isinstance(overrides.get("max_time_s"), (int, float)) and 0 <= overrides["max_time_s"] < base.min_time_s:
             overrides["min_time_s"] = overrides["max_time_s"]
         self.config = base.replace(**overrides)  # validates (ValueError names the field)
         self.inputs = inputs
@@ -201,8 +201,9 @@ class LatencyMonitor(CallbackBase):
     def on_fit_end(self, trainer: Any, pl_module: Any) -> None:
         if self.measure_final:
             self._measure_phase(trainer, pl_module, "final", batch=None)
+        folder = Path(trainer.log_dir or trainer.default_root_dir)  # on every rank: log_dir broadcasts
         if trainer.is_global_zero:
-            self._finish(trainer)
+            self._finish(trainer, folder)
         trainer.strategy.barrier("LatencyMonitor.on_fit_end")
 
     @override
@@ -311,14 +312,13 @@ class LatencyMonitor(CallbackBase):
         for logger in trainer.loggers:
             logger.log_metrics(metrics, step=trainer.global_step)
 
-    def _finish(self, trainer: Any) -> None:
+    def _finish(self, trainer: Any, folder: Path) -> None:
         for logger in trainer.loggers:
             logger.save()  # on_fit_end runs after the loop's last flush
         if not self.records:
             return
         rank_zero_info(summary_table(self.records))
         if self.report_file:
-            folder = Path(trainer.log_dir or trainer.default_root_dir)
             folder.mkdir(parents=True, exist_ok=True)
             report = {"config": self.config.to_dict(), "model_attr": self.model_attr, "overhead_s": self.overhead_s,
                       "records": [{**r, "metrics": self.metrics(r)} for r in self.records]}
