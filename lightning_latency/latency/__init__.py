@@ -12,14 +12,17 @@ from __future__ import annotations
 
 from typing import Any
 
+from lightning_latency.latency.breakdown import BreakdownReport, module_breakdown
 from lightning_latency.latency.generation import GenerationReport, measure_generation
 from lightning_latency.latency.hardware import KNOWN_PEAKS, known_peaks
 from lightning_latency.latency.measure import LatencyConfig, LatencyReport, compare_latency, measure_latency
 from lightning_latency.latency.memory import ModelStats, model_stats, tensor_nbytes
 from lightning_latency.latency.stats import TimingStats, summarize
+from lightning_latency.latency.sweep import sweep_generation, sweep_latency, sweep_table
 
 __all__ = [
     "KNOWN_PEAKS",
+    "BreakdownReport",
     "GenerationReport",
     "LatencyConfig",
     "LatencyMonitor",
@@ -31,7 +34,11 @@ __all__ = [
     "measure_generation",
     "measure_latency",
     "model_stats",
+    "module_breakdown",
     "summarize",
+    "sweep_generation",
+    "sweep_latency",
+    "sweep_table",
     "tensor_nbytes",
 ]
 
