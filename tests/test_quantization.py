@@ -149,7 +149,7 @@ def test_deploy_x86_matches_fake_quant_and_leaves_model_alone() -> None:
     inputs = _inputs()
     with torch.no_grad():
         fake = model(**inputs).logits
-    deployed = deploy(model, inputs, calibration=[_inputs(2, 16)], compile=False)
+    deployed = deploy(model, inputs, calibration=[_inputs(2, 16)], compile=False).eval()  # .eval() must not raise
     assert deployed.backend == "x86" and "classifier" not in deployed.quantized
     # static per-tensor int8 activations instead of dynamic per-token: a looser tolerance than convert_qat
     torch.testing.assert_close(deployed(**inputs).logits, fake, atol=5e-3, rtol=0)
@@ -194,3 +194,23 @@ def test_prepare_on_converted_model_names_the_fix() -> None:
     convert_qat(model)
     with pytest.raises(ValueError, match=r"already converted.*unconvert_qat"):
         prepare_qat(model)
+
+
+@pytest.mark.real_weights
+def test_real_minilm_prepare_convert_keeps_predictions() -> None:
+    from lightning_latency.assets import load_minilm
+
+    model, tokenizer = load_minilm(num_labels=2)
+    model.eval()
+    enc = tokenizer(["a gripping, funny film", "dull and far too long"], padding="max_length", max_length=32,
+                    return_tensors="pt")
+    inputs = {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"]}
+    with torch.no_grad():
+        ref = model(**inputs).logits
+        names = prepare_qat(model)
+        fake = model(**inputs).logits
+        convert_qat(model)
+        real = model(**inputs).logits
+    assert len(names) == 6 * 6 + 1 and "classifier" not in names  # 6 linears per layer + pooler
+    torch.testing.assert_close(real, fake, atol=1e-3, rtol=0)  # same tolerance as the tiny models
+    torch.testing.assert_close(fake, ref, atol=0.05, rtol=0)  # int8 error on real weights is small

@@ -76,6 +76,7 @@ def _quantized_names(model: nn.Module, config: QuantizationConfig) -> list[str]:
 def _x86_quantize(model: nn.Module, args: tuple, kwargs: dict, names: list[str], calibration: Iterable[Any],
                   static_activations: bool) -> nn.Module:
     import torchao.quantization.pt2e.quantizer.x86_inductor_quantizer as xiq  # also registers the x86 inductor passes
+    from torchao.quantization.pt2e import allow_exported_model_train_eval
     from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e
 
     quantizer = xiq.X86InductorQuantizer()
@@ -91,7 +92,9 @@ def _x86_quantize(model: nn.Module, args: tuple, kwargs: dict, names: list[str],
         for batch in calibration:  # static activation ranges come from these batches
             b_args, b_kwargs = _split(batch)
             prepared(*b_args, **b_kwargs)
-        return convert_pt2e(prepared)
+        quantized = convert_pt2e(prepared)
+    # Exported modules refuse .eval()/.train(); callers (and latency tools) call .eval() on whatever they get.
+    return allow_exported_model_train_eval(quantized)
 
 
 def deploy(
