@@ -165,13 +165,14 @@ def main(quick: bool = False, full: bool = False) -> list[dict[str, str]]:
 
     rows = []
     n_eval = len(held_out) * s["eval_batch"]
-    note = f"MiniLM-L6 fine-tuned {len(train_batches)} steps ×{s['batch']} at seq {s['seq']}; {n_eval} held-out snippets"
+    note = f"MiniLM-L6 fine-tuned {len(train_batches)} steps ×{s['batch']} at seq {s['seq']}; {n_eval} held-out"
     for name, value in acc.items():
         target = "" if name == "fp32" else "within 1 pt of fp32" if name.startswith("QAT int8") else ""
         rows.append(row(BENCH, f"accuracy: {name}", f"{100 * value:.1f}%", "", target,
                         f"{100 * (value - acc['fp32']):+.1f} pt vs fp32; {note}"))
-    rows.append(row(BENCH, "train step QAT / fp32 (fwd+bwd)", f"×{ratio:.2f}", f"rounds spread {100 * ratio_spread:.0f}%",
-                    "≤ ×1.6", f"whole optimizer steps during fine-tuning: ×{loop_ratio:.2f}; batch {s['batch']} seq {s['seq']}"))
+    rows.append(row(BENCH, "train step QAT / fp32 (fwd+bwd)", f"×{ratio:.2f}",
+                    f"rounds spread {100 * ratio_spread:.0f}%", "≤ ×1.6",
+                    f"whole optimizer steps during fine-tuning: ×{loop_ratio:.2f}; batch {s['batch']} seq {s['seq']}"))
     rows.append(row(BENCH, "weight rel. quant error (mean)", f"{100 * statistics.mean(errors):.2f}%", "", "",
                     f"‖Q(W)−W‖/‖W‖ over {len(errors)} int8 per-channel linears"))
 
@@ -204,4 +205,5 @@ if __name__ == "__main__":
     _full = "--full" in sys.argv  # _common.cli only knows --quick
     if _full:
         sys.argv.remove("--full")
-    cli(functools.partial(main, full=_full), "QAT on MiniLM-L6 / Rotten Tomatoes: accuracy fp32 vs PTQ vs QAT, int8 deployment latency vs fp32/bf16")
+    cli(functools.partial(main, full=_full),
+        "QAT on MiniLM-L6 / Rotten Tomatoes: accuracy fp32 vs PTQ vs QAT, int8 deployment latency vs fp32/bf16")

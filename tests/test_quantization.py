@@ -172,7 +172,8 @@ def test_deploy_compiled_with_freezing_runs() -> None:
         (lambda: QuantizationConfig(scheme="int3"), r"`scheme` must be one of .*'int8_dynamic'.*got 'int3'"),
         (lambda: QuantizationConfig(backend="tpu"), r"`backend` must be one of .*'x86'.*got 'tpu'"),
         (lambda: QuantizationConfig(group_size=0), r"`group_size` must be a positive int.*got 0"),
-        (lambda: QuantizationConfig(scheme="int4_weight_only", backend="x86"), r"`backend`='x86'.*int4.*backend='torchao'"),
+        (lambda: QuantizationConfig(scheme="int4_weight_only", backend="x86"),
+         r"`backend`='x86'.*int4.*backend='torchao'"),
         (lambda: QuantizationConfig(skip=[nn.Linear]), r"`skip` must be a list of fnmatch patterns"),
         (lambda: prepare_qat(tiny_bert(), QuantizationConfig(targets=["*nothing*"])),
          r"Nothing to quantize: `targets`=\['\*nothing\*'\].*Candidates: 'bert.encoder"),
@@ -180,7 +181,8 @@ def test_deploy_compiled_with_freezing_runs() -> None:
          r"`group_size`=48 does not divide the input size 64 of layer 'bert.encoder.layer.0.attention.self.query'"
          r".*Pass group_size=64"),
         (lambda: convert_qat(tiny_bert()), r"no fake-quantized modules to convert.*prepare_qat"),
-        (lambda: deploy(tiny_bert().to("meta"), _inputs()), r"`backend`='x86'.*CPU only.*\['meta'\].*backend='torchao'"),
+        (lambda: deploy(tiny_bert().to("meta"), _inputs()),
+         r"`backend`='x86'.*CPU only.*\['meta'\].*backend='torchao'"),
     ],
 )
 def test_misconfiguration(make, match: str) -> None:

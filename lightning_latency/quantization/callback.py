@@ -69,7 +69,8 @@ class QuantizationAwareTraining(CallbackBase):
             the start and the end of QAT).
 
     Logged: hyperparameters ``qat/scheme``, ``qat/modules`` (names); metrics ``qat/num_quantized_modules``,
-    ``qat/weight_rel_error`` (mean over modules of ‖Q(W) − W‖/‖W‖), ``qat/weight_rel_error_max``, ``qat/frozen``,
+    ``qat/weight_rel_error`` (mean over modules of ‖Q(W) − W‖/‖W‖), ``qat/weight_rel_error_max``,
+    ``qat/frozen``,
     ``qat/converted``.
 
     Raises:
@@ -278,9 +279,9 @@ class QuantizationAwareTraining(CallbackBase):
             return
         if _spawned(trainer):
             rank_zero_warn(
-                "QuantizationAwareTraining: not converting at fit end under a spawn-based strategy (ddp_spawn): Lightning "
-                "returns the weights to the main process through torch.load with a callable map_location, which cannot "
-                "carry torchao int8 tensors. The main process gets the QAT-trained float weights: call "
+                "QuantizationAwareTraining: not converting at fit end under a spawn-based strategy (ddp_spawn): "
+                "Lightning returns the weights to the main process through torch.load with a callable map_location, "
+                "which cannot carry torchao int8 tensors. The main process gets the QAT-trained float weights: call "
                 "`callback.convert(model)` there (or deploy(model, ...)), or use strategy='ddp' to convert in place."
             )
             return

@@ -136,8 +136,9 @@ class QuantizationConfig:
                 )
         if self.backend is Backend.X86 and self.scheme.uses_groups:
             raise ValueError(
-                f"`backend`='x86' runs int8 per-channel weights only, but `scheme`={self.scheme.value!r} trains an int4 "
-                f"per-group grid. Pass backend='torchao' for int4 schemes, or scheme='int8_dynamic' for the x86 path."
+                f"`backend`='x86' runs int8 per-channel weights only, but `scheme`={self.scheme.value!r} trains an "
+                f"int4 per-group grid. Pass backend='torchao' for int4 schemes, or scheme='int8_dynamic' for the x86 "
+                f"path."
             )
         skip = tuple(DEFAULT_SKIP if self.skip is None else self.skip)
         if self.include_embeddings and self.skip is None:
@@ -199,5 +200,6 @@ def convert_base_config(config: QuantizationConfig) -> Any:
     if scheme is Scheme.INT8_WEIGHT_ONLY:
         return Int8WeightOnlyConfig(set_inductor_config=False)
     if scheme is Scheme.INT8_INT4:
-        return Int8DynamicActivationIntxWeightConfig(weight_dtype=torch.int4, weight_granularity=PerGroup(config.group_size))
+        return Int8DynamicActivationIntxWeightConfig(weight_dtype=torch.int4,
+                                                     weight_granularity=PerGroup(config.group_size))
     return IntxWeightOnlyConfig(weight_dtype=torch.int4, granularity=PerGroup(config.group_size))

@@ -86,8 +86,9 @@ def prepare_qat(model: nn.Module, config: QuantizationConfig | None = None) -> l
     config = config or QuantizationConfig()
     if is_converted(model):
         raise ValueError(
-            f"`model` is already converted to quantized weights ({len(converted_modules(model))} modules); it cannot be "
-            f"prepared for training again. Call unconvert_qat(model) first (weights become their dequantized values)."
+            f"`model` is already converted to quantized weights ({len(converted_modules(model))} modules); it cannot "
+            f"be prepared for training again. Call unconvert_qat(model) first (weights become their dequantized "
+            f"values)."
         )
     selected = select_modules(model, config)
     check_group_size(selected, config)

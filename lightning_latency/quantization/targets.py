@@ -14,10 +14,6 @@ def _matches(name: str, module: nn.Module, patterns: tuple[str, ...] | list[str]
     return any(fnmatchcase(name, p) or fnmatchcase(cls, p) for p in patterns)
 
 
-def _is_fake_quantized(module: nn.Module) -> bool:
-    return hasattr(module, "weight_fake_quantizer")
-
-
 def _quantizable(module: nn.Module, config: QuantizationConfig) -> bool:
     if isinstance(module, nn.Linear):
         return True
