@@ -86,30 +86,17 @@ def _latency_rows(quick: bool) -> list[dict[str, str]]:
     return rows
 
 
-class _StepTimer:
-    """Times each training step from batch start to batch end (after every other callback's batch-end hook)."""
-
-    def __init__(self) -> None:
-        self.times: list[float] = []
-        self._t0 = 0.0
-
-    def on_train_batch_start(self, *args: Any) -> None:
-        self._t0 = time.perf_counter()
-
-    def on_train_batch_end(self, *args: Any) -> None:
-        self.times.append(time.perf_counter() - self._t0)
-
-
 def _overhead_rows(quick: bool) -> list[dict[str, str]]:
+    """Callback cost per training step, measured inside one run: time spent in the callback's hooks vs the rest of
+    the step. Comparing whole-step times of separate fits was useless here (steps vary ×2–×10 on a busy machine)."""
     from torch.utils.data import DataLoader, TensorDataset
 
     from lightning_latency import assets
     from lightning_latency._compat import CallbackBase, LightningModule, Trainer
     from lightning_latency.pruning.callback import MagnitudePruning
 
-    timer_cls = type("StepTimer", (_StepTimer, CallbackBase), {})
     base_model, _ = assets.load_minilm(num_labels=2)
-    steps, batch, seq = (6, 4, 32) if quick else (16, 16, 128)
+    steps, batch, seq = (6, 4, 32) if quick else (14, 16, 128)
     g = torch.Generator().manual_seed(0)
     data = TensorDataset(torch.randint(1000, 20000, (steps * batch, seq), generator=g),
                          torch.randint(0, 2, (steps * batch,), generator=g))
@@ -117,7 +104,7 @@ def _overhead_rows(quick: bool) -> list[dict[str, str]]:
     class Module(LightningModule):
         def __init__(self) -> None:
             super().__init__()
-            self.model = copy.deepcopy(base_model)
+            self.model = copy.deepcopy(base_model).train()
 
         def training_step(self, b: Any, i: int) -> torch.Tensor:
             return self.model(input_ids=b[0], labels=b[1]).loss
@@ -128,34 +115,44 @@ def _overhead_rows(quick: bool) -> list[dict[str, str]]:
         def train_dataloader(self) -> DataLoader:
             return DataLoader(data, batch_size=batch)
 
-    def run(callbacks: list) -> list[float]:
-        timer = timer_cls()
-        trainer = Trainer(accelerator="cpu", max_steps=steps, logger=False, enable_progress_bar=False,
-                          enable_model_summary=False, enable_checkpointing=False, callbacks=[*callbacks, timer])
-        trainer.fit(Module())
-        return timer.times[2:]  # drop allocator / first-call warm-up
+    class TimedPruning(MagnitudePruning):
+        hook_s: list[float] = []
 
-    variants = {
-        "none": lambda: [],
-        "unstructured": lambda: [MagnitudePruning(mode="unstructured", final_sparsity=0.5, start=2,
-                                                  end=steps - 2, frequency=4)],
-        "nm": lambda: [MagnitudePruning(mode="nm", start=2, end=2)],
-    }
-    medians: dict[str, list[float]] = {k: [] for k in variants}
-    means: dict[str, list[float]] = {k: [] for k in variants}
-    for _ in range(1 if quick else 2):  # alternate variants so machine noise hits all of them
-        for name, make in variants.items():
-            times = run(make())
-            medians[name].append(statistics.median(times))
-            means[name].append(statistics.fmean(times))
-    base, base_mean = min(medians["none"]), min(means["none"])
+        def on_train_batch_end(self, *args: Any) -> None:
+            t0 = time.perf_counter()
+            super().on_train_batch_end(*args)
+            self.hook_s.append(time.perf_counter() - t0)
+
+    class StepTimer(CallbackBase):
+        def __init__(self) -> None:
+            self.step_s: list[float] = []
+
+        def on_train_batch_start(self, *args: Any) -> None:
+            self._t0 = time.perf_counter()
+
+        def on_train_batch_end(self, *args: Any) -> None:  # runs after the pruning callback's hook
+            self.step_s.append(time.perf_counter() - self._t0)
+
     rows = []
-    for name in ("unstructured", "nm"):
-        overhead = min(medians[name]) / base - 1.0
-        with_steps = min(means[name]) / base_mean - 1.0
-        rows.append(row(BENCH, f"training-step overhead, {name} masks", f"{100 * overhead:+.1f}%",
-                        f"step {1000 * base:.0f} ms; mean incl. pruning steps {100 * with_steps:+.1f}%", "≤ 5%",
-                        f"MiniLM-L6 cls, batch {batch}, seq {seq}, AdamW; median step = mask re-application only"))
+    prune_at = 2
+    for mode, kwargs in (("unstructured", dict(final_sparsity=0.5)), ("nm", {}), ("structured",
+                                                                                 dict(final_sparsity=0.5))):
+        pruning, timer = TimedPruning(mode=mode, start=prune_at, end=prune_at, **kwargs), StepTimer()
+        pruning.hook_s = []
+        Trainer(accelerator="cpu", max_steps=steps, logger=False, enable_progress_bar=False,
+                enable_model_summary=False, enable_checkpointing=False,
+                callbacks=[pruning, timer]).fit(Module())
+        # index i is optimizer step i+1; the pruning step itself is a one-off, reported separately
+        one_off = pruning.hook_s[prune_at - 1]
+        steady = [(h, s - h) for i, (h, s) in enumerate(zip(pruning.hook_s, timer.step_s)) if i >= prune_at]
+        ratio = statistics.median(h / rest for h, rest in steady)
+        rest_ms = 1000 * statistics.median(rest for _, rest in steady)
+        what = "mask re-application after each optimizer step" if mode != "structured" else \
+            "nothing per step (no masks); steps after pruning are faster"
+        rows.append(row(BENCH, f"training-step overhead, {mode}", f"{100 * ratio:+.1f}%",
+                        f"step w/o callback {rest_ms:.0f} ms", "≤ 5%" if mode != "structured" else "",
+                        f"MiniLM-L6 cls, batch {batch}, seq {seq}, AdamW: {what}; one-off pruning step "
+                        f"{1000 * one_off:.0f} ms"))
     return rows
 
 
