@@ -169,6 +169,16 @@ def test_structured_removes_the_lowest_magnitude_heads() -> None:
     torch.testing.assert_close(attn.self.query.weight[16:32], kept_row)
 
 
+def test_structured_exclude_leaves_named_blocks_whole() -> None:
+    model = tiny_llama().eval()
+    prune_step(model, PruningConfig(mode="structured", exclude=[r"layers\.0\."]), 0.5)
+    shapes = structure(model)
+    assert shapes["model.layers.0.self_attn"]["heads"] == 4 and shapes["model.layers.0.mlp"]["neurons"] == 128
+    assert shapes["model.layers.1.self_attn"]["heads"] == 2 and shapes["model.layers.1.mlp"]["neurons"] == 64
+    with pytest.raises(ValueError, match="scores torch-pruning groups, which only structured mode builds"):
+        prune_step(model, PruningConfig(importance=tp.importance.GroupMagnitudeImportance()), 0.5)
+
+
 def test_structured_importance_is_pluggable_with_torch_pruning_taylor() -> None:
     model = tiny_bert()
     loss = model(input_ids=_ids(), labels=torch.tensor([0, 1])).loss

@@ -48,7 +48,8 @@ class PruningConfig:
             ``fn(name, weight) -> scores`` (same shape as ``weight``) is accepted.
         targets: module names, regex patterns or ``nn.Module`` types to prune (masked modes). ``None``: every
             linear layer of the model except :data:`DEFAULT_EXCLUDE` (embeddings, norms, ``lm_head``, classifiers).
-        exclude: extra name patterns never pruned (added to the defaults).
+        exclude: extra name patterns never pruned (added to the defaults); in structured mode, attention / MLP
+            block names to leave whole (e.g. ``[r"layers\.0\."]``).
         scope: masked modes: ``"local"`` (same sparsity in every layer) or ``"global"`` (one magnitude threshold).
         n, m: the N:M pattern for ``mode="nm"``: keep ``n`` of every ``m`` consecutive input weights.
         prune_heads, prune_neurons: structured mode: shrink attention heads and/or MLP width.

@@ -26,6 +26,11 @@ def _scores(name: str, weight: torch.Tensor, config: PruningConfig) -> torch.Ten
                 f"importance='taylor' needs gradients on `{name}.weight`: call loss.backward() before prune_step."
             )
         return (weight.detach() * weight.grad.detach()).abs().float()
+    if type(config.importance).__module__.startswith("torch_pruning"):
+        raise ValueError(
+            f"`importance`={type(config.importance).__name__}() scores torch-pruning groups, which only structured "
+            f"mode builds. For mode={config.mode.value!r} pass 'l1', 'l2', 'taylor' or a callable (name, weight) -> scores."
+        )
     scores = config.importance(name, weight)
     if not isinstance(scores, torch.Tensor) or scores.shape != weight.shape:
         raise ValueError(

@@ -17,6 +17,7 @@ decoders incl. grouped-query attention (``q/k/v/o_proj``, ``gate/up/down_proj``)
 from __future__ import annotations
 
 import math
+import re
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -308,6 +309,9 @@ def prune_structured(model: nn.Module, config: PruningConfig, sparsity: float) -
     Returns the new :func:`structure`. Idempotent at a given sparsity; never grows a layer back.
     """
     attns, mlps = blocks_or_raise(model, config)
+    skip = [re.compile(p) for p in config.exclude]
+    attns = [a for a in attns if not any(p.search(a.name) for p in skip)]
+    mlps = [m for m in mlps if not any(p.search(m.name) for p in skip)]
     original = original_structure(model)
     imp = _importance(config)
     if config.prune_heads:
