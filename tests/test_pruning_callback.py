@@ -144,11 +144,12 @@ def test_epoch_interval(tmp_path: Path) -> None:
 # ----------------------------------------------------------------------------------------------- structured
 
 
-@pytest.mark.parametrize("kind", ["bert", "llama", "gpt2"])
-def test_structured_fit_shrinks_model_and_rebuilds_optimizer(tmp_path: Path, kind: str) -> None:
+@pytest.mark.parametrize(("kind", "importance"), [("bert", "taylor"), ("llama", "l2"), ("gpt2", "l1")])
+def test_structured_fit_shrinks_model_and_rebuilds_optimizer(tmp_path: Path, kind: str, importance: str) -> None:
     module = HFModule(kind=kind)
     before = structure(module)
-    pruning = MagnitudePruning(mode="structured", final_sparsity=0.5, start=2, end=6, frequency=2)
+    pruning = MagnitudePruning(mode="structured", final_sparsity=0.5, start=2, end=6, frequency=2,
+                               importance=importance)  # taylor: gradients still exist at on_train_batch_end
     trainer = _fit(tmp_path, module, [pruning], max_steps=8)
     after = structure(module)
     for name, shape in after.items():
