@@ -299,7 +299,8 @@ def _lowest(scores: torch.Tensor, n_drop: int) -> set[int]:
 
 def _keep_count(original: int, sparsity: float, max_layer_sparsity: float) -> int:
     floor = max(1, math.ceil(original * (1.0 - max_layer_sparsity) - 1e-9))
-    return max(floor, original - round(sparsity * original))
+    # round half up (Python's round() sends 2.5 to 2): 50% of 5 heads removes 3
+    return max(floor, original - math.floor(sparsity * original + 0.5))
 
 
 @torch.no_grad()
