@@ -111,9 +111,11 @@ def overhead(quick: bool) -> list[dict[str, str]]:
     import logging
     import tempfile
 
+    import lightning_latency._compat  # noqa: F401  (Lightning sets its logger levels on import: quiet them after)
+
     for name in ("pytorch_lightning", "lightning.pytorch", "lightning_latency"):
         logging.getLogger(name).setLevel(logging.ERROR)
-    steps, repeats = (15, 1) if quick else (150, 3)
+    steps, repeats = (15, 1) if quick else (300, 2)
     ratios, self_shares, walls = [], [], []
     with tempfile.TemporaryDirectory() as root:
         _fit_seconds(3, False, root)  # first fit pays one-off imports and allocator warm-up

@@ -157,3 +157,13 @@ def test_compiled_deployment_form_runs_on_a_copy() -> None:
     r = measure_latency(model, torch.randn(4, 8), warmup=1, min_runs=2, min_time_s=0.0, compile=True)
     assert r.compiled and r.count >= 1 and r.first_call_ms > 0
     assert type(model) is nn.Sequential and model.training and not hasattr(model, "_orig_mod")
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_cuda_measurement_on_a_copy_syncs_and_tracks_peak() -> None:
+    model = tiny_bert()  # stays on CPU: the measurement runs on a CUDA deep copy
+    ids = torch.randint(0, 128, (4, 32))
+    r = measure_latency(model, {"input_ids": ids}, device="cuda", warmup=2, min_runs=5, min_time_s=0.0)
+    assert r.device.startswith("cuda") and r.count >= 5 and r.peak_memory_mb is not None and r.peak_memory_mb > 0
+    assert next(model.parameters()).device.type == "cpu"
