@@ -87,6 +87,12 @@ def test_start_and_freeze_follow_the_schedule(tmp_path: Path) -> None:
     assert is_prepared(module) and not is_converted(module)
 
 
+def test_start_epoch(tmp_path: Path) -> None:
+    module, probe = QATModule(n=16), PhaseProbe()  # 2 batches per epoch
+    _fit(tmp_path, module, [QuantizationAwareTraining(start_epoch=1, convert_on_fit_end=False), probe], max_steps=4)
+    assert [prepared for prepared, _ in probe.phases] == [False, False, True, True]
+
+
 def test_llm_with_keyword_inputs_int8_int4(tmp_path: Path) -> None:
     module = QATModule(kind="llama")
     _fit(tmp_path, module, [QuantizationAwareTraining(scheme="int8_int4", group_size=32)], max_steps=3)
