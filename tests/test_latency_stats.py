@@ -37,6 +37,8 @@ def test_unstable_flag_threshold() -> None:
 def test_single_timing_and_errors() -> None:
     s = summarize([0.002])
     assert s.median_ms == s.p99_ms == s.min_ms == pytest.approx(2.0) and s.iqr_ms == 0 and s.std_ms == 0
+    assert s.unstable  # one run: spread unknown
+    assert summarize([0.002, 0.002]).unstable and not summarize([0.002] * 3).unstable
     with pytest.raises(ValueError, match="times_s"):
         summarize([])
     with pytest.raises(ValueError, match="q"):

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 
 # IQR / median above this marks a measurement as unstable (CPU timings on shared machines flip by ×10).
 DEFAULT_UNSTABLE_THRESHOLD = 0.10
+MIN_RUNS_FOR_SPREAD = 3
 
 
 def quantile(sorted_values: Sequence[float], q: float) -> float:
@@ -61,7 +62,8 @@ def summarize(times_s: Sequence[float], unstable_threshold: float = DEFAULT_UNST
 
     Args:
         times_s: durations of the timed runs in seconds, at least one.
-        unstable_threshold: a series with IQR / median above this is flagged ``unstable``.
+        unstable_threshold: a series with IQR / median above this is flagged ``unstable`` (so is one of fewer than
+            3 runs, whose spread is unknown).
 
     Raises:
         ValueError: no timings.
@@ -74,11 +76,12 @@ def summarize(times_s: Sequence[float], unstable_threshold: float = DEFAULT_UNST
     std = math.sqrt(sum((x - mean) ** 2 for x in ms) / (n - 1)) if n > 1 else 0.0
     median = quantile(ms, 0.5)
     iqr = quantile(ms, 0.75) - quantile(ms, 0.25)
-    unstable = bool(median > 0 and iqr / median > unstable_threshold)
+    # Fewer than 3 runs say nothing about the spread (IQR of one run is 0): call that unstable too.
+    unstable = bool(n < MIN_RUNS_FOR_SPREAD or (median > 0 and iqr / median > unstable_threshold))
     return TimingStats(
         median_ms=median, mean_ms=mean, p90_ms=quantile(ms, 0.9), p99_ms=quantile(ms, 0.99), min_ms=ms[0],
         max_ms=ms[-1], std_ms=std, iqr_ms=iqr, count=n, unstable=unstable,
     )
 
 
-__all__ = ["DEFAULT_UNSTABLE_THRESHOLD", "TimingStats", "quantile", "summarize"]
+__all__ = ["DEFAULT_UNSTABLE_THRESHOLD", "MIN_RUNS_FOR_SPREAD", "TimingStats", "quantile", "summarize"]
