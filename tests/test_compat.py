@@ -45,3 +45,10 @@ def test_backend_env_override_is_validated() -> None:
 def test_package_import_is_lazy() -> None:
     code = "import sys, lightning_latency; assert 'pytorch_lightning' not in sys.modules; assert 'torch' not in sys.modules"
     subprocess.run([sys.executable, "-c", code], check=True, timeout=120)
+
+
+def test_every_public_name_resolves() -> None:
+    import lightning_latency
+
+    missing = [name for name in lightning_latency.__all__ if not hasattr(lightning_latency, name)]
+    assert not missing, f"__all__ promises names that do not exist: {missing}"
