@@ -16,6 +16,7 @@ from lightning_latency._compat import (
     rank_zero_info,
     rank_zero_warn,
 )
+from lightning_latency._target import check_model_attr, resolve_target
 from lightning_latency.pruning.config import PruningConfig, PruningMode
 from lightning_latency.pruning.core import model_counts, prune_step, structured_sparsity
 from lightning_latency.pruning.masks import MaskApplier, apply_masks, mask_sparsity
@@ -66,6 +67,9 @@ class MagnitudePruning(CallbackBase):
         rewind_to: lottery-ticket rewinding (masked modes): snapshot all weights at this optimizer step (0 = before
             training) and, after each pruning step, reset the surviving weights to the snapshot.
         log_per_layer: also log heads/neurons left in every layer (structured).
+        model_attr: attribute (dotted path allowed) of the LightningModule to prune, e.g. ``"model"``; None prunes
+            ``pl_module.compression_target`` when defined (a ``DistillationModule``: the student, never the
+            teacher), else the LightningModule itself. Mask names and shapes are relative to that module.
 
     Logged (to ``trainer.loggers``, at every pruning step): ``pruning/sparsity`` (achieved), ``pruning/target``
     (scheduled), ``pruning/params``, ``pruning/nonzero``, and in structured mode ``pruning/heads/<block>`` and
@@ -99,6 +103,7 @@ class MagnitudePruning(CallbackBase):
         make_permanent: bool = True,
         rewind_to: int | None = None,
         log_per_layer: bool = True,
+        model_attr: str | None = None,
     ) -> None:
         self.config = PruningConfig(mode=mode, importance=importance, targets=targets, exclude=tuple(exclude),
                                     scope=scope, n=n, m=m, prune_heads=prune_heads, prune_neurons=prune_neurons,
@@ -122,6 +127,7 @@ class MagnitudePruning(CallbackBase):
         self.make_permanent = make_permanent
         self.rewind_to = rewind_to
         self.log_per_layer = log_per_layer
+        self.model_attr = check_model_attr(model_attr)
         self._position = -1  # last position at which a pruning step ran
         self._sparsity = 0.0
         self._masks: dict[str, torch.Tensor] = {}
@@ -136,8 +142,9 @@ class MagnitudePruning(CallbackBase):
     @override
     def state_key(self) -> str:
         s = self.schedule
+        extra = {"model_attr": self.model_attr} if self.model_attr else {}  # keys of older checkpoints unchanged
         return self._generate_state_key(mode=self.config.mode.value, final_sparsity=s.final_sparsity,
-                                        start=s.start, end=s.end)
+                                        start=s.start, end=s.end, **extra)
 
     @property
     def sparsity(self) -> float:
@@ -153,15 +160,17 @@ class MagnitudePruning(CallbackBase):
     @override
     def setup(self, trainer: Any, pl_module: Any, stage: str) -> None:
         self._check_strategy(trainer, pl_module)
+        model = self._model(pl_module)
         try:
             if self.config.mode is PruningMode.STRUCTURED:
-                blocks_or_raise(pl_module, self.config)  # converts GPT-2 Conv1D to Linear before optimizers exist
-                original_structure(pl_module)
+                blocks_or_raise(model, self.config)  # converts GPT-2 Conv1D to Linear before optimizers exist
+                original_structure(model)
                 if self._hook is None:
                     # Lightning restores the model before callbacks: reshape from the checkpoint's shapes first.
-                    self._hook = pl_module.register_load_state_dict_pre_hook(_reshape_pre_hook)
+                    # A hook on a submodule receives its own key prefix, so this works for model_attr targets too.
+                    self._hook = model.register_load_state_dict_pre_hook(_reshape_pre_hook)
             else:
-                resolve_targets(pl_module, self.config)
+                resolve_targets(model, self.config)
         except ValueError as err:
             raise MisconfigurationException(str(err)) from err
 
@@ -189,14 +198,14 @@ class MagnitudePruning(CallbackBase):
                 f"CPU kernels run exactly as fast (measured x1.0). Use mode='structured' to make the model faster."
             )
         if self._original and self.config.mode is PruningMode.STRUCTURED:
-            set_original_structure(pl_module, self._original)
+            set_original_structure(self._model(pl_module), self._original)
 
     @override
     def on_train_start(self, trainer: Any, pl_module: Any) -> None:
         if self.rewind_to == trainer.global_step and self._rewind_state is None:
-            self._snapshot(pl_module)
+            self._snapshot(self._model(pl_module))
         if self._masks:
-            apply_masks(pl_module, self._masks)
+            apply_masks(self._model(pl_module), self._masks)
         if self.interval == "step":
             self._maybe_prune(trainer, pl_module, trainer.global_step)
 
@@ -209,20 +218,21 @@ class MagnitudePruning(CallbackBase):
     def on_train_batch_end(self, trainer: Any, pl_module: Any, outputs: Any, batch: Any, batch_idx: int) -> None:
         if self._masks:  # after the optimizer step: pruned weights moved, put them back to zero
             if self._applier is None:
-                self._applier = MaskApplier(pl_module, self._masks)
+                self._applier = MaskApplier(self._model(pl_module), self._masks)
             self._applier()
         if self.rewind_to == trainer.global_step and self._rewind_state is None:
-            self._snapshot(pl_module)
+            self._snapshot(self._model(pl_module))
         if self.interval == "step":
             self._maybe_prune(trainer, pl_module, trainer.global_step)
 
     @override
     def on_fit_end(self, trainer: Any, pl_module: Any) -> None:
+        model = self._model(pl_module)
         if self._masks:
-            apply_masks(pl_module, self._masks)
+            apply_masks(model, self._masks)
             if self.make_permanent:
                 self._masks, self._applier = {}, None
-        self._log(trainer, pl_module, final=True)
+        self._log(trainer, model, final=True)
 
     @override
     def teardown(self, trainer: Any, pl_module: Any, stage: str) -> None:
@@ -255,24 +265,29 @@ class MagnitudePruning(CallbackBase):
 
     # ----------------------------------------------------------------------------------------------- helpers
 
+    def _model(self, pl_module: nn.Module) -> nn.Module:
+        """The module this callback prunes (``model_attr``, else ``compression_target``, else ``pl_module``)."""
+        return resolve_target(pl_module, self.model_attr)
+
     def _maybe_prune(self, trainer: Any, pl_module: Any, position: int) -> None:
         if position <= self._position or not self.schedule.is_pruning_position(position):
             return
+        model = self._model(pl_module)
         self._position = position
         self._sparsity = self.schedule.sparsity_at(position)
         if self.config.mode is PruningMode.STRUCTURED:
-            result = prune_step(pl_module, self.config, self._sparsity)
-            self._structure, self._original = result.structure, original_structure(pl_module)
+            result = prune_step(model, self.config, self._sparsity)
+            self._structure, self._original = result.structure, original_structure(model)
             _rebuild_optimizers(trainer, pl_module)
         else:
-            result = prune_step(pl_module, self.config, self._sparsity, masks=self._masks)
+            result = prune_step(model, self.config, self._sparsity, masks=self._masks)
             # identical on every rank even if a kernel were non-deterministic: rank 0's masks win
             self._masks = trainer.strategy.broadcast(result.masks, src=0) if trainer.world_size > 1 else result.masks
             self._applier = None
             if self._rewind_state is not None:
-                pl_module.load_state_dict(self._rewind_state, strict=False)
-            apply_masks(pl_module, self._masks)
-        self._log(trainer, pl_module)
+                model.load_state_dict(self._rewind_state, strict=False)
+            apply_masks(model, self._masks)
+        self._log(trainer, model)
 
     @torch.no_grad()
     def _snapshot(self, pl_module: nn.Module) -> None:
