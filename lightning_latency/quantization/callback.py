@@ -20,6 +20,7 @@ from torch import nn
 from typing_extensions import override
 
 from lightning_latency._compat import CallbackBase, rank_zero_info, rank_zero_warn
+from lightning_latency._target import check_model_attr, resolve_target
 from lightning_latency.quantization.config import QuantizationConfig
 from lightning_latency.quantization.checkpoint import CHECKPOINT_KEY, pack_quantized_state, unpack_quantized_state
 from lightning_latency.quantization.qat import (
@@ -67,6 +68,9 @@ class QuantizationAwareTraining(CallbackBase):
             :meth:`convert` (or :func:`~lightning_latency.quantization.deploy`) yourself.
         log_every_n_steps: log the mean relative weight quantization error every this many steps (0: only at
             the start and the end of QAT).
+        model_attr: attribute (dotted path allowed) of the LightningModule to quantize, e.g. ``"model"``; None
+            quantizes ``pl_module.compression_target`` when defined (a ``DistillationModule``: the student, never
+            the teacher), else the LightningModule itself. Module names in ``targets``/``skip`` are relative to it.
 
     Logged: hyperparameters ``qat/scheme``, ``qat/modules`` (names); metrics ``qat/num_quantized_modules``,
     ``qat/weight_rel_error`` (mean over modules of ‖Q(W) − W‖/‖W‖), ``qat/weight_rel_error_max``,
@@ -98,6 +102,7 @@ class QuantizationAwareTraining(CallbackBase):
         freeze_step: int | None = None,
         convert_on_fit_end: bool = True,
         log_every_n_steps: int = 50,
+        model_attr: str | None = None,
     ) -> None:
         self.config = QuantizationConfig(scheme=scheme, group_size=group_size, targets=targets, skip=skip,
                                          include_embeddings=include_embeddings, backend=backend)
@@ -120,6 +125,7 @@ class QuantizationAwareTraining(CallbackBase):
         self.start_step, self.start_epoch, self.freeze_step = start_step, start_epoch, freeze_step
         self.convert_on_fit_end = bool(convert_on_fit_end)
         self.log_every_n_steps = log_every_n_steps
+        self.model_attr = check_model_attr(model_attr)
         self.quantized: list[str] = []
         self.prepared_at_step: int | None = None
         self.frozen_at_step: int | None = None
@@ -131,8 +137,13 @@ class QuantizationAwareTraining(CallbackBase):
     @property
     @override
     def state_key(self) -> str:
+        extra = {"model_attr": self.model_attr} if self.model_attr else {}  # keys of older checkpoints unchanged
         return self._generate_state_key(scheme=self.config.scheme.value, targets=self.config.targets,
-                                        start_step=self.start_step, start_epoch=self.start_epoch)
+                                        start_step=self.start_step, start_epoch=self.start_epoch, **extra)
+
+    def _model(self, pl_module: nn.Module) -> nn.Module:
+        """The module this callback quantizes (``model_attr``, else ``compression_target``, else ``pl_module``)."""
+        return resolve_target(pl_module, self.model_attr)
 
     def __getstate__(self) -> dict[str, Any]:  # ddp_spawn pickles callbacks; hook handles do not pickle
         state = self.__dict__.copy()
@@ -224,9 +235,11 @@ class QuantizationAwareTraining(CallbackBase):
         if self._hook_handle is not None:
             self._hook_handle.remove()
         self._trainer = trainer
-        self._hook_handle = pl_module.register_load_state_dict_pre_hook(self._before_weights_load)
-        if stage == "fit" and is_converted(pl_module):
-            names = unconvert_qat(pl_module)
+        model = self._model(pl_module)
+        # On a submodule target the hook receives that submodule and its key prefix (e.g. "student.").
+        self._hook_handle = model.register_load_state_dict_pre_hook(self._before_weights_load)
+        if stage == "fit" and is_converted(model):
+            names = unconvert_qat(model)
             rank_zero_warn(
                 f"QuantizationAwareTraining: the model was already converted ({len(names)} quantized modules); fitting "
                 f"again trains their dequantized values with fake quantization and converts again at the end. "
@@ -236,7 +249,7 @@ class QuantizationAwareTraining(CallbackBase):
             self._restored_phase = "prepared"
         if stage == "fit":
             # Before the optimizer is built and before DDP wraps the model (both happen after `setup`).
-            self._sync_phase(trainer, pl_module)
+            self._sync_phase(trainer, model)
 
     @override
     def teardown(self, trainer: Any, pl_module: Any, stage: str) -> None:
@@ -248,33 +261,35 @@ class QuantizationAwareTraining(CallbackBase):
     # ------------------------------------------------------------------ training hooks
     @override
     def on_fit_start(self, trainer: Any, pl_module: Any) -> None:
-        self._sync_phase(trainer, pl_module)  # after a resume: global_step and our state are restored by now
+        self._sync_phase(trainer, self._model(pl_module))  # after a resume: global_step and our state are restored by now
 
     @override
     def on_train_epoch_start(self, trainer: Any, pl_module: Any) -> None:
-        self._sync_phase(trainer, pl_module)
+        self._sync_phase(trainer, self._model(pl_module))
 
     @override
     def on_train_batch_start(self, trainer: Any, pl_module: Any, batch: Any, batch_idx: int) -> None:
-        self._sync_phase(trainer, pl_module)
+        self._sync_phase(trainer, self._model(pl_module))
 
     @override
     def on_train_batch_end(self, trainer: Any, pl_module: Any, outputs: Any, batch: Any, batch_idx: int) -> None:
         n = self.log_every_n_steps
-        if n and is_prepared(pl_module) and trainer.global_step % n == 0:
-            for key, value in self._error_metrics(pl_module).items():
+        model = self._model(pl_module)
+        if n and is_prepared(model) and trainer.global_step % n == 0:
+            for key, value in self._error_metrics(model).items():
                 pl_module.log(key, value, on_step=True, on_epoch=False, rank_zero_only=True)
 
     @override
     def on_fit_end(self, trainer: Any, pl_module: Any) -> None:
-        if not is_prepared(pl_module):
-            if not is_converted(pl_module):
+        model = self._model(pl_module)
+        if not is_prepared(model):
+            if not is_converted(model):
                 rank_zero_warn(
                     f"QuantizationAwareTraining: fit ended at step {trainer.global_step} before QAT started "
                     f"(start_step={self.start_step}, start_epoch={self.start_epoch}); the model stays float."
                 )
             return
-        self._log_error(trainer, pl_module)
+        self._log_error(trainer, model)
         if not self.convert_on_fit_end:
             return
         if _spawned(trainer):
@@ -288,7 +303,8 @@ class QuantizationAwareTraining(CallbackBase):
         self.convert(pl_module, trainer)
 
     def convert(self, pl_module: nn.Module, trainer: Any = None) -> list[str]:
-        """Convert ``pl_module`` to real quantized weights now (on request); prepares it first if it is float."""
+        """Convert ``pl_module``'s target (see ``model_attr``) to real quantized weights now; prepares it if float."""
+        pl_module = self._model(pl_module)
         if not is_prepared(pl_module):
             self.quantized = prepare_qat(pl_module, self.config)
         names = convert_qat(pl_module, self.config)
