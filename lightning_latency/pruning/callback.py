@@ -29,6 +29,7 @@ from lightning_latency.pruning.structured import (
     structure,
 )
 from lightning_latency.pruning.targets import resolve_targets
+from lightning_latency.strategies import full_params, is_fsdp
 
 _INTERVALS = ("step", "epoch")
 
@@ -205,7 +206,8 @@ class MagnitudePruning(CallbackBase):
         if self.rewind_to == trainer.global_step and self._rewind_state is None:
             self._snapshot(self._model(pl_module))
         if self._masks:
-            apply_masks(self._model(pl_module), self._masks)
+            with full_params(trainer):  # FSDP: act on gathered weights, write back to the shards
+                apply_masks(self._model(pl_module), self._masks)
         if self.interval == "step":
             self._maybe_prune(trainer, pl_module, trainer.global_step)
 
@@ -216,7 +218,10 @@ class MagnitudePruning(CallbackBase):
 
     @override
     def on_train_batch_end(self, trainer: Any, pl_module: Any, outputs: Any, batch: Any, batch_idx: int) -> None:
-        if self._masks:  # after the optimizer step: pruned weights moved, put them back to zero
+        if self._masks and is_fsdp(trainer):  # gathered tensors are new each time: no cached applier
+            with full_params(trainer):
+                apply_masks(self._model(pl_module), self._masks)
+        elif self._masks:  # after the optimizer step: pruned weights moved, put them back to zero
             if self._applier is None:
                 self._applier = MaskApplier(self._model(pl_module), self._masks)
             self._applier()
@@ -229,7 +234,8 @@ class MagnitudePruning(CallbackBase):
     def on_fit_end(self, trainer: Any, pl_module: Any) -> None:
         model = self._model(pl_module)
         if self._masks:
-            apply_masks(model, self._masks)
+            with full_params(trainer):
+                apply_masks(model, self._masks)
             if self.make_permanent:
                 self._masks, self._applier = {}, None
         self._log(trainer, model, final=True)
@@ -280,13 +286,15 @@ class MagnitudePruning(CallbackBase):
             self._structure, self._original = result.structure, original_structure(model)
             _rebuild_optimizers(trainer, pl_module)
         else:
-            result = prune_step(model, self.config, self._sparsity, masks=self._masks)
-            # identical on every rank even if a kernel were non-deterministic: rank 0's masks win
-            self._masks = trainer.strategy.broadcast(result.masks, src=0) if trainer.world_size > 1 else result.masks
-            self._applier = None
-            if self._rewind_state is not None:
-                model.load_state_dict(self._rewind_state, strict=False)
-            apply_masks(model, self._masks)
+            with full_params(trainer):  # FSDP: masks are computed and applied on the gathered full weights
+                result = prune_step(model, self.config, self._sparsity, masks=self._masks)
+                # identical on every rank even if a kernel were non-deterministic: rank 0's masks win
+                self._masks = (trainer.strategy.broadcast(result.masks, src=0) if trainer.world_size > 1
+                               else result.masks)
+                self._applier = None
+                if self._rewind_state is not None:
+                    model.load_state_dict(self._rewind_state, strict=False)
+                apply_masks(model, self._masks)
         self._log(trainer, model)
 
     @torch.no_grad()
