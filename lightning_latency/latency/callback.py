@@ -18,9 +18,11 @@ from torch import nn
 from typing_extensions import override
 
 from lightning_latency._compat import CallbackBase, MisconfigurationException, rank_zero_info, rank_zero_warn
+from lightning_latency._target import check_model_attr, resolve_target
 from lightning_latency.latency._inputs import token_ids_of
 from lightning_latency.latency.generation import GenerationReport, measure_generation
 from lightning_latency.latency.measure import LatencyConfig, LatencyReport, measure_latency
+from lightning_latency.strategies import is_fsdp
 
 # A fixed cost per measurement (12 forwards for a fast model, at most first call + 1 s for a slow one), so baseline +
 # final stay under 2% of any fit longer than about a minute; raise min_runs / max_time_s for steadier numbers.
@@ -82,7 +84,8 @@ class LatencyMonitor(CallbackBase):
         batch_to_inputs: ``batch -> inputs``; default drops ``labels`` from dict batches and takes element 0 of tuples.
             Subclasses may override the method of the same name instead.
         model_attr: attribute (dotted path allowed) of the LightningModule to measure, e.g. ``"model"`` or
-            ``"student"``; None measures the LightningModule itself.
+            ``"student"``; None measures ``pl_module.compression_target`` when the module defines it (a
+            ``DistillationModule``: the student), else the LightningModule itself.
         config: measurement settings; None uses a budgeted default (about first call + ≤1 s per measurement).
         every_n_val_epochs: also measure after every N-th validation epoch; 0 disables.
         generation: measure ``generate`` (TTFT/TPOT); None does so when the module has ``generate``.
@@ -92,6 +95,11 @@ class LatencyMonitor(CallbackBase):
         report_file: JSON file name in the log dir; None writes no file.
         warmup, min_runs, max_time_s, threads, device, compile: shortcuts overriding the same fields of ``config``
             (handy in YAML recipes).
+        data_parallel: under a multi-process strategy, after each single-device measurement every rank also
+            times its own replica at the same moment; the per-rank samples/s are gathered and rank 0 logs their
+            sum as ``latency/dp_samples_per_s`` (with ``latency/dp_world_size`` and the slowest rank's
+            ``latency/dp_p50_ms_max``). This is data-parallel *throughput*, not the latency of one request; on
+            CPU the ranks share cores, so it can be below one rank's throughput times the number of ranks.
 
     Example::
 
@@ -117,6 +125,7 @@ class LatencyMonitor(CallbackBase):
         threads: int | None = None,
         device: str | None = None,
         compile: bool | None = None,
+        data_parallel: bool = False,
     ) -> None:
         if config is not None and not isinstance(config, LatencyConfig):
             raise ValueError(f"`config` must be a LatencyConfig or None, got {type(config).__name__}. "
@@ -124,9 +133,10 @@ class LatencyMonitor(CallbackBase):
         if batch_to_inputs is not None and not callable(batch_to_inputs):
             raise ValueError(f"`batch_to_inputs` must be a callable batch -> inputs, got {batch_to_inputs!r}. "
                              "E.g. batch_to_inputs=lambda b: b['input_ids'].")
-        if model_attr is not None and (not isinstance(model_attr, str) or not model_attr.strip()):
-            raise ValueError(f"`model_attr` must be None or an attribute name such as 'model' or 'student', "
-                             f"got {model_attr!r}.")
+        check_model_attr(model_attr)
+        if data_parallel not in (True, False):
+            raise ValueError(f"`data_parallel` must be True or False, got {data_parallel!r}. Pass data_parallel=True "
+                             "to also measure every rank's replica at once and log the summed throughput.")
         for name, value, low in (("every_n_val_epochs", every_n_val_epochs, 0), ("prompt_len", prompt_len, 1),
                                  ("new_tokens", new_tokens, 2)):
             if isinstance(value, bool) or not isinstance(value, int) or value < low:
@@ -151,6 +161,7 @@ class LatencyMonitor(CallbackBase):
         self.prompt_len, self.new_tokens = prompt_len, new_tokens
         self.measure_final = measure_final
         self.report_file = report_file
+        self.data_parallel = data_parallel
         self._resolved: Any = None  # inputs actually used (CPU copy), kept so every measurement sees the same ones
         # state that survives checkpoints (identical on all ranks except the reports, which only rank 0 has)
         self.baseline_done = False
@@ -172,6 +183,13 @@ class LatencyMonitor(CallbackBase):
     @override
     def setup(self, trainer: Any, pl_module: Any, stage: str) -> None:
         self._target(pl_module)  # fail early on a wrong model_attr
+        if is_fsdp(trainer):
+            # A sharded module's forward all-gathers its weights on every rank: rank 0 timing it alone would wait
+            # forever for the others, and ranks timing it together would each run a different number of calls.
+            raise MisconfigurationException(
+                "LatencyMonitor cannot time an FSDP-sharded model inside fit. Measure the trained model unsharded "
+                "after fit (save a full checkpoint, load it into one process, call measure_latency), or train the "
+                "run you want to monitor under DDP (lightning_latency.ddp_strategy).")
 
     @override
     def on_fit_start(self, trainer: Any, pl_module: Any) -> None:
@@ -226,18 +244,7 @@ class LatencyMonitor(CallbackBase):
         return next((r for r in self.records if r["phase"] == "baseline"), None)
 
     def _target(self, pl_module: Any) -> nn.Module:
-        module = pl_module
-        for part in (self.model_attr.split(".") if self.model_attr else []):
-            if not hasattr(module, part):
-                raise MisconfigurationException(
-                    f"`model_attr={self.model_attr!r}`: {type(module).__name__} has no attribute {part!r}. "
-                    f"Pass the name of the submodule to measure (e.g. 'model' or 'student'), or None for the "
-                    f"LightningModule itself.")
-            module = getattr(module, part)
-        if not isinstance(module, nn.Module):
-            raise MisconfigurationException(f"`model_attr={self.model_attr!r}` is a {type(module).__name__}, not an "
-                                            "nn.Module. Point it at the module to measure.")
-        return module
+        return resolve_target(pl_module, self.model_attr)
 
     def _resolve_inputs(self, trainer: Any, batch: Any) -> Any:
         if self._resolved is not None:
@@ -259,6 +266,7 @@ class LatencyMonitor(CallbackBase):
     def _measure_phase(self, trainer: Any, pl_module: Any, phase: str, batch: Any) -> None:
         if phase == "baseline":
             self.baseline_done = True  # on every rank, before the barrier: decisions stay identical across ranks
+        record = None
         if trainer.is_global_zero:
             start = time.perf_counter()
             try:
@@ -269,10 +277,43 @@ class LatencyMonitor(CallbackBase):
                 rank_zero_warn(f"LatencyMonitor: the {phase} measurement failed ({type(err).__name__}: {err}).")
                 record = None
             self.overhead_s += time.perf_counter() - start
-            if record is not None:
-                self.records.append(record)
-                self._log(trainer, record)
         trainer.strategy.barrier(f"LatencyMonitor.{phase}")
+        if self.data_parallel:
+            start = time.perf_counter()
+            dp = self._measure_data_parallel(trainer, pl_module, batch)
+            self.overhead_s += time.perf_counter() - start
+            if trainer.is_global_zero and record is not None and dp is not None:
+                record["data_parallel"] = dp
+        if trainer.is_global_zero and record is not None:
+            self.records.append(record)
+            self._log(trainer, record)
+
+    def _measure_data_parallel(self, trainer: Any, pl_module: Any, batch: Any) -> dict[str, Any] | None:
+        """Every rank times its own replica at the same time; returns the gathered numbers (on every rank).
+
+        Collective on all ranks: a rank whose measurement fails contributes NaN instead of raising, so no rank is
+        left waiting in ``all_gather``; rank 0 warns and the phase gets no data-parallel numbers. Each rank times
+        the same inputs as rank 0 when they were given (``inputs=``), else its own first batch (same shapes).
+        """
+        local = torch.tensor([float("nan"), float("nan")], dtype=torch.float64)
+        try:
+            inputs = self._resolve_inputs(trainer, batch)
+            report = measure_latency(self._target(pl_module), inputs, self.config)
+            local = torch.tensor([report.samples_per_s, report.median_ms], dtype=torch.float64)
+        except Exception:  # reported by rank 0 below; this rank must still reach the gather
+            pass
+        world = int(trainer.world_size)
+        # all_gather needs every rank with the same shape and device; gloo and nccl both accept this one.
+        gathered = trainer.strategy.all_gather(local.to(trainer.strategy.root_device)) if world > 1 else local
+        gathered = gathered.reshape(world, 2).cpu()
+        failed = [r for r in range(world) if bool(torch.isnan(gathered[r]).any())]
+        if failed:
+            rank_zero_warn(f"LatencyMonitor: the data-parallel measurement failed on rank(s) {failed}; "
+                           "no latency/dp_* metrics for this phase.")
+            return None
+        return {"world_size": world, "samples_per_s": [float(v) for v in gathered[:, 0]],
+                "median_ms": [float(v) for v in gathered[:, 1]],
+                "sum_samples_per_s": float(gathered[:, 0].sum()), "max_median_ms": float(gathered[:, 1].max())}
 
     def _measure(self, trainer: Any, pl_module: Any, phase: str, batch: Any) -> dict[str, Any]:
         module = self._target(pl_module)
@@ -297,6 +338,11 @@ class LatencyMonitor(CallbackBase):
             if fwd.get(attr) is not None:
                 out[f"latency/{key}"] = float(fwd[attr])
         out["latency/unstable"] = float(bool(fwd.get("unstable")))
+        dp = record.get("data_parallel")
+        if dp:
+            out["latency/dp_samples_per_s"] = float(dp["sum_samples_per_s"])
+            out["latency/dp_world_size"] = float(dp["world_size"])
+            out["latency/dp_p50_ms_max"] = float(dp["max_median_ms"])
         base = self.baseline
         if base is not None and fwd["median_ms"] > 0:
             out["latency/speedup"] = base["forward"]["median_ms"] / fwd["median_ms"]
