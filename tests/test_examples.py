@@ -1,0 +1,106 @@
+"""Smoke tests of the examples at tiny settings: each example's ``main(argv)`` runs in-process and must produce its
+table, its JSON and (classifier) its chart, with the visible effect of each compression stage.
+
+The real-weight examples skip ``torch.compile`` (``--no-compile``): a compile costs 15-40 s on 2 cores, and the
+compiled deployment path has its own tests in ``test_quantization.py`` / ``test_latency_*.py``.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+from types import ModuleType
+
+import pytest
+from torch import nn
+
+from lightning_latency import LatencyMonitor, MagnitudePruning, QuantizationAwareTraining
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _example(name: str) -> ModuleType:
+    """Import ``examples/<name>.py`` as a module (examples/ is not a package; no sys.path edits)."""
+    spec = importlib.util.spec_from_file_location(f"example_{name}", ROOT / "examples" / f"{name}.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.real_weights
+def test_compress_classifier_quick_runs_every_stage_and_writes_table_json_chart(tmp_path: Path, capsys) -> None:
+    results = _example("compress_classifier").main(["--quick", "--no-compile", "--out-dir", str(tmp_path)])
+    out = capsys.readouterr().out
+    names = [r["name"] for r in results["rows"]]
+    assert names[0] == "teacher fp32" and names[-1].startswith("final: deployed int8")
+    assert "final: deployed int8" in out and "| model |" in out  # text table and markdown printed
+    rows = {r["name"]: r for r in results["rows"]}
+    distilled, pruned = rows["student distilled"], rows["student +pruned"]
+    qat, final = rows["student +QAT (torchao int8, eager)"], results["rows"][-1]
+    assert distilled["params_m"] < 0.8 * rows["teacher fp32"]["params_m"]  # 3 of 6 layers
+    assert pruned["params_m"] < distilled["params_m"]  # heads and neurons removed
+    assert qat["size_mb"] < 0.8 * pruned["size_mb"]  # int8 weights
+    for r in results["rows"]:
+        assert 0.0 <= r["accuracy"] <= 1.0 and r["p50_b1_ms"] > 0 and r["p50_b32_ms"] > 0
+    log_dir = Path(results["log_dir"])
+    saved = json.loads((log_dir / "results.json").read_text())
+    assert [r["name"] for r in saved["rows"]] == names
+    assert (log_dir / "accuracy_vs_latency.png").stat().st_size > 10_000
+    assert list(log_dir.glob("events.out.tfevents.*"))  # the chart and metrics went to TensorBoard
+    assert set(results["latency_monitor"]) == {"baseline", "final"}
+
+
+@pytest.mark.real_weights
+def test_compress_llm_quick_prints_decode_table_and_samples(tmp_path: Path, capsys) -> None:
+    results = _example("compress_llm").main(["--quick", "--out-dir", str(tmp_path)])
+    out = capsys.readouterr().out
+    assert "TPOT ms" in out and "Greedy continuations" in out
+    teacher, student, final = results["rows"]
+    assert student["params_m"] < teacher["params_m"]  # structurally pruned
+    assert final["size_mb"] < 0.7 * student["size_mb"]  # int8 linears
+    for r in results["rows"]:
+        assert r["ttft_ms"] > 0 and r["tpot_ms"] > 0 and r["perplexity"] > 1 and r["mbu"] is None  # no peak given
+    assert all(isinstance(s, str) for s in results["samples"]["teacher fp32"])
+    assert (Path(results["log_dir"]) / "results.json").exists()
+
+
+def test_add_to_existing_prunes_a_plain_user_module(tmp_path: Path, capsys) -> None:
+    result = _example("add_to_existing").main(["--quick", "--out-dir", str(tmp_path)])
+    assert result["params_after"] < result["params_before"]
+    assert result["heads"] == 4 and result["intermediate"] == 512  # half of 8 heads, half of 1024 neurons
+    assert (Path(result["log_dir"]) / "latency_report.json").exists()
+    assert "params" in capsys.readouterr().out
+
+
+def test_combined_recipe_configures_pruning_then_qat_then_latency(tmp_path: Path) -> None:
+    from helpers import HFModule
+
+    from lightning_latency._compat import BACKEND
+
+    cli = importlib.import_module(f"{BACKEND}.cli").LightningCLI(
+        HFModule, run=False, save_config_callback=None,
+        args=["--config", str(ROOT / "callbacks" / "combined.yaml"), "--trainer.logger=false",
+              f"--trainer.default_root_dir={tmp_path}"])
+    ours = [c for c in cli.trainer.callbacks if isinstance(c, (MagnitudePruning, QuantizationAwareTraining,
+                                                                LatencyMonitor))]
+    assert [type(c) for c in ours] == [MagnitudePruning, QuantizationAwareTraining, LatencyMonitor]
+    pruning, qat, monitor = ours
+    assert pruning.config.mode.value == "structured" and pruning.schedule.end == 300
+    assert qat.start_step > pruning.schedule.end  # QAT starts after pruning ends
+    assert monitor.model_attr == "model"
+    assert cli.trainer.max_steps == 600
+
+
+def test_cli_example_fits_with_the_latency_recipe(tmp_path: Path) -> None:
+    cli = _example("cli").main([
+        "fit", "--config", str(ROOT / "callbacks" / "latency.yaml"), "--model.pretrained=false",
+        "--data.train_size=32", "--data.val_size=16", "--data.seq_len=16", "--data.batch_size=8",
+        "--trainer.max_steps=3", "--trainer.limit_val_batches=1", "--trainer.enable_progress_bar=false",
+        f"--trainer.default_root_dir={tmp_path}",
+    ])
+    monitor = next(c for c in cli.trainer.callbacks if isinstance(c, LatencyMonitor))
+    assert [r["phase"] for r in monitor.records][0] == "baseline" and monitor.records[-1]["phase"] == "final"
+    assert isinstance(cli.model.model, nn.Module)
+    assert (Path(cli.trainer.log_dir) / "latency_report.json").exists()
