@@ -76,3 +76,21 @@ def test_full_params_is_a_no_op_outside_fsdp() -> None:
 def test_misconfiguration(fn: object, kwargs: dict, match: str) -> None:
     with pytest.raises(ValueError, match=match):
         fn(**kwargs)  # type: ignore[operator]
+
+
+def test_cli_recipe_configures_the_ddp_strategy() -> None:
+    import importlib
+    from pathlib import Path
+
+    from lightning_latency import LatencyMonitor
+    from lightning_latency.strategies import CompressionDDPStrategy
+
+    recipe = Path(__file__).resolve().parents[1] / "callbacks" / "ddp.yaml"
+    cli = importlib.import_module(f"{pl.__name__}.cli").LightningCLI(
+        HFModule, run=False, save_config_callback=None,
+        args=["--config", str(recipe), "--trainer.logger=false", "--trainer.enable_progress_bar=false"])
+    strategy = cli.trainer.strategy
+    assert isinstance(strategy, CompressionDDPStrategy) and strategy._start_method == "popen"
+    assert strategy._auto_find_unused and cli.trainer.num_devices == 2
+    mons = [c for c in cli.trainer.callbacks if isinstance(c, LatencyMonitor)]
+    assert len(mons) == 1 and mons[0].data_parallel and mons[0].config.max_time_s == 1.0
