@@ -261,7 +261,8 @@ class QuantizationAwareTraining(CallbackBase):
     # ------------------------------------------------------------------ training hooks
     @override
     def on_fit_start(self, trainer: Any, pl_module: Any) -> None:
-        self._sync_phase(trainer, self._model(pl_module))  # after a resume: global_step and our state are restored by now
+        # after a resume: global_step and our state are restored by now
+        self._sync_phase(trainer, self._model(pl_module))
 
     @override
     def on_train_epoch_start(self, trainer: Any, pl_module: Any) -> None:
