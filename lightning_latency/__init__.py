@@ -37,6 +37,13 @@ _EXPORTS: dict[str, str] = {
     "prune_step": "lightning_latency.pruning",
     "save_pruned": "lightning_latency.pruning",
     "load_pruned": "lightning_latency.pruning",
+    "PruningMode": "lightning_latency.pruning",
+    "PruningSchedule": "lightning_latency.pruning",
+    "PruningResult": "lightning_latency.pruning",
+    "apply_masks": "lightning_latency.pruning",
+    "reshape_to_state_dict": "lightning_latency.pruning",
+    "model_counts": "lightning_latency.pruning",
+    "structured_sparsity": "lightning_latency.pruning",
     "MagnitudePruning": "lightning_latency.pruning.callback",
     # quantization-aware training
     "QuantizationConfig": "lightning_latency.quantization",
