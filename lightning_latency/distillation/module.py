@@ -285,7 +285,22 @@ class DistillationModule(LightningModule):
         if self.teacher is not None:
             for k, v in self.teacher.state_dict().items():
                 state.setdefault(f"teacher.{k}", v)
+        _reshape_pruned_student(self.student, state)
         return super().load_state_dict(state, strict=strict, assign=assign)
+
+
+def _reshape_pruned_student(student: nn.Module, state: Mapping[str, Any]) -> None:
+    """Shrink the student's heads/MLP widths to a structurally pruned state dict's shapes before loading it.
+
+    ``ddp_spawn`` returns the workers' pruned weights into the main process's full-size module, where no
+    ``MagnitudePruning`` hook runs; without this the final load fails on size mismatches. No-op when shapes match.
+    """
+    own = student.state_dict()
+    if all(getattr(state.get(f"student.{k}", v), "shape", None) == getattr(v, "shape", None) for k, v in own.items()):
+        return
+    from lightning_latency.pruning import reshape_to_state_dict  # only for pruned states: imports torch-pruning
+
+    reshape_to_state_dict(student, dict(state), "student.")
 
 
 def _batch_size(batch: Any) -> int | None:
