@@ -22,7 +22,7 @@ from lightning_latency import LatencyMonitor, MagnitudePruning, QuantizationAwar
 from lightning_latency._compat import CallbackBase, MisconfigurationException, Trainer
 from lightning_latency.distillation import student_from_teacher_layers
 from lightning_latency.distillation.module import DistillationModule
-from lightning_latency.pruning import reshape_to_state_dict, structure
+from lightning_latency.pruning import structure
 from lightning_latency.quantization.qat import fake_quantized_modules, is_prepared
 
 FIT_TIMEOUT_S = 180  # a DDP fit here takes 15-30 s; a hang is a failure, not a stuck CI job
@@ -147,37 +147,29 @@ def test_ddp_all_together_distillation_pruning_qat_latency(tmp_path: Path, bound
     assert any(r.get("pruning/sparsity") for r in rows) and any(r.get("qat/weight_rel_error") for r in rows)
 
 
-class _ReshapingLlama(HFModule):
-    """ddp_spawn returns pruned weights to the main process: shrink to the incoming shapes before loading."""
-
-    def __init__(self) -> None:
-        super().__init__(kind="llama", lr=1e-2)
-
-    def load_state_dict(self, state_dict: Any, *args: Any, **kwargs: Any) -> Any:
-        reshape_to_state_dict(self, state_dict)
-        return super().load_state_dict(state_dict, *args, **kwargs)
-
-
 @pytest.mark.ddp
-def test_ddp_structured_pruning_then_qat_on_gqa_llama(tmp_path: Path, bounded: None) -> None:
-    """Structured pruning (optimizer and DDP wrapper rebuilt) then QAT: shapes, weights, QAT state identical."""
+def test_ddp_structured_pruning_then_qat_on_a_gqa_llama_student(tmp_path: Path, bounded: None) -> None:
+    """Structured pruning of a DistillationModule's GQA Llama student (optimizer and DDP wrapper rebuilt), then QAT:
+    shapes, weights and QAT state identical on both ranks; the spawn main process gets the pruned student back."""
+    teacher = tiny_llama(layers=2)
+    module = DistillationModule(student_from_teacher_layers(teacher, [0, 1]), teacher, lr=1e-2)
     callbacks = [
         MagnitudePruning(mode="structured", final_sparsity=0.5, start=1, end=2, frequency=1, log_per_layer=False),
         QuantizationAwareTraining(scheme="int8_dynamic", start_step=3, convert_on_fit_end=False, log_every_n_steps=0),
         LatencyMonitor(warmup=1, min_runs=2, max_time_s=0.1, report_file=None, generation=False),
         RankStateDump(tmp_path, _Dump()),
     ]
-    module = _ReshapingLlama()
     trainer = Trainer(**trainer_kwargs(tmp_path, strategy=ddp_strategy(start_method="spawn"), devices=2,
                                        max_steps=5, logger=False, callbacks=callbacks))
-    trainer.fit(module)
+    trainer.fit(module, DataLoader(LMDataset(32, 12, 0), batch_size=4))
     r0, r1 = _ranks(tmp_path)
     _assert_same(r0["shared"], r1["shared"])
     shapes = r0["shared"]["structure"]
     assert shapes and all(s.get("heads", 2) == 2 and s.get("neurons", 64) == 64 for s in shapes.values())
     assert r0["shared"]["qat_state"]["prepared_at_step"] == 3 and r0["shared"]["fake_quantized"]
     assert r0["rank"]["latency_records"] == 2 and r1["rank"]["latency_records"] == 0
-    assert structure(module) == shapes  # the main process got the pruned model back
+    assert structure(module.student) == shapes  # the main process got the pruned student back
+    assert structure(module.teacher) != shapes  # and the teacher kept its heads and neurons
 
 
 class _FailsOnRank1(HFModule):
