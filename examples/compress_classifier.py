@@ -218,7 +218,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     # --- after fit: score every stage, deploy the int8 student, time everything side by side ------------------
     from tqdm.auto import tqdm
 
-    bar = tqdm(total=7, desc="evaluate, deploy, measure", leave=False)
+    bar = tqdm(total=8, desc="evaluate, deploy, measure", leave=False)
     calib = [_inputs(train, 32 * i, 32) for i in range(2)]  # the same 64 training snippets calibrate both shapes
     compile_ = not args.no_compile
     final_b32 = deploy(module.student, calib[0], qat.config, calibration=calib[1:], compile=compile_)
