@@ -190,6 +190,44 @@ def test_an_error_on_one_rank_fails_the_fit_instead_of_hanging(tmp_path: Path, b
         trainer.fit(_FailsOnRank1(kind="bert"))
 
 
+_POPEN_SCRIPT = """
+from pathlib import Path
+from helpers import HFModule, trainer_kwargs
+from lightning_latency import ddp_strategy
+from lightning_latency._compat import Trainer
+
+
+class FailsOnRank1(HFModule):
+    def training_step(self, batch, batch_idx):
+        if self.global_rank == 1 and batch_idx == 1:
+            raise RuntimeError("boom on rank 1")
+        return super().training_step(batch, batch_idx)
+
+
+if __name__ == "__main__":
+    Trainer(**trainer_kwargs(Path("."), strategy=ddp_strategy(), devices=2, max_steps=4, logger=False)).fit(
+        FailsOnRank1(kind="bert"))
+"""
+
+
+@pytest.mark.ddp
+def test_popen_ddp_error_on_rank_1_also_ends_rank_0(tmp_path: Path) -> None:
+    """strategy='ddp' re-launches the script: rank 0 is the launching process and is not killed when rank 1 dies;
+    it must fail on its own (gloo sees the closed connection) instead of waiting for the 30-minute timeout."""
+    import os
+    import subprocess
+    import sys
+
+    root = Path(__file__).resolve().parents[1]
+    script = tmp_path / "fit_fails_on_rank1.py"
+    script.write_text(_POPEN_SCRIPT)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(root), str(root / "tests")])}
+    done = subprocess.run([sys.executable, str(script)], cwd=tmp_path, env=env, capture_output=True, text=True,
+                          timeout=FIT_TIMEOUT_S)  # raises TimeoutExpired (the test fails) if rank 0 hangs
+    assert done.returncode != 0
+    assert "boom on rank 1" in done.stdout + done.stderr
+
+
 def test_data_parallel_on_one_device_logs_world_size_one_and_validates(tmp_path: Path) -> None:
     mon = LatencyMonitor(model_attr="model", data_parallel=True, warmup=1, min_runs=2, max_time_s=0.05,
                          report_file=None, generation=False)
