@@ -105,9 +105,25 @@ def quantize(model: nn.Module, kind: str) -> nn.Module:
     return model
 
 
-def gen_row(name: str, model: nn.Module, report: Any, ppl: float) -> dict[str, Any]:
+def size_and_params(model: nn.Module) -> tuple[float, float]:
+    """``(MB, millions of weights)`` by real storage, counting torch.ao dynamic int8 linears too.
+
+    ``model_stats`` counts parameters and buffers; a dynamic quantized linear keeps its int8 weight in packed params,
+    which are neither, so they are added here (1 byte per weight + the fp32 bias).
+    """
     stats = model_stats(model)
-    return dict(name=name, params_m=stats.num_params / 1e6, size_mb=stats.model_mb, ttft_ms=report.ttft_ms,
+    extra_bytes = extra_params = 0
+    for m in model.modules():
+        if isinstance(m, torch.ao.nn.quantized.dynamic.Linear):
+            w, b = m.weight(), m.bias()
+            extra_bytes += w.numel() * w.element_size() + (b.numel() * b.element_size() if b is not None else 0)
+            extra_params += w.numel() + (b.numel() if b is not None else 0)
+    return (stats.model_bytes + extra_bytes) / 2**20, (stats.num_params + extra_params) / 1e6
+
+
+def gen_row(name: str, model: nn.Module, report: Any, ppl: float) -> dict[str, Any]:
+    size_mb, params_m = size_and_params(model)
+    return dict(name=name, params_m=params_m, size_mb=size_mb, ttft_ms=report.ttft_ms,
                 tpot_ms=report.tpot_ms, tokens_per_s=report.decode_tokens_per_s, mbu=report.mbu, perplexity=ppl,
                 tpot_iqr_ms=report.tpot_iqr_ms, unstable=report.unstable)
 
