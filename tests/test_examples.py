@@ -41,7 +41,7 @@ def test_compress_classifier_quick_runs_every_stage_and_writes_table_json_chart(
     qat, final = rows["student +QAT (torchao int8, eager)"], results["rows"][-1]
     assert distilled["params_m"] < 0.8 * rows["teacher fp32"]["params_m"]  # 3 of 6 layers
     assert pruned["params_m"] < distilled["params_m"]  # heads and neurons removed
-    assert qat["size_mb"] < 0.8 * pruned["size_mb"]  # int8 weights
+    assert qat["size_mb"] < pruned["size_mb"] - 5  # int8 linears (the fp32 word embeddings, ~47 MB, stay)
     for r in results["rows"]:
         assert 0.0 <= r["accuracy"] <= 1.0 and r["p50_b1_ms"] > 0 and r["p50_b32_ms"] > 0
     log_dir = Path(results["log_dir"])
