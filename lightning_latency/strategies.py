@@ -114,24 +114,28 @@ def ddp_strategy(
                                   find_unused_parameters=find_unused_parameters, **kwargs)
 
 
-def _fsdp_conflicts(trainer: Any) -> list[str]:
-    """Compression setups that cannot act on FSDP-sharded weights, described with their fix."""
-    problems = []
-    for cb in getattr(trainer, "callbacks", []):
-        name = type(cb).__name__
-        config = getattr(cb, "config", None)
-        mode = getattr(getattr(config, "mode", None), "value", None)
-        if name == "MagnitudePruning" and mode == "structured":
-            problems.append(
-                "MagnitudePruning(mode='structured') changes parameter shapes, which FSDP's flat parameters cannot "
+def fsdp_problem(callback: Any) -> str | None:
+    """Why ``callback`` cannot act on FSDP-sharded weights, with the fix; None when it can.
+
+    Used by the callbacks' ``setup`` under any FSDP strategy, and by :class:`CompressionFSDPStrategy` before wrapping.
+    """
+    name = type(callback).__name__
+    mode = getattr(getattr(getattr(callback, "config", None), "mode", None), "value", None)
+    if name == "MagnitudePruning" and mode == "structured":
+        return ("MagnitudePruning(mode='structured') changes parameter shapes, which FSDP's flat parameters cannot "
                 "follow. Prune the unsharded model before wrapping (prune_step(model, PruningConfig(mode="
                 "'structured'), sparsity) then fit under FSDP), or run the structured schedule under DDP.")
-        if name == "QuantizationAwareTraining" and (getattr(cb, "start_step", 0) or getattr(cb, "start_epoch", None)):
-            problems.append(
-                f"QuantizationAwareTraining(start_step={cb.start_step}, start_epoch={cb.start_epoch}) would swap "
-                f"modules inside already-wrapped FSDP units. Under FSDP, QAT must be prepared before wrapping: "
-                f"pass start_step=0 (prepared in `setup`, before the strategy wraps the model).")
-    return problems
+    if name == "QuantizationAwareTraining" and (getattr(callback, "start_step", 0) or
+                                                getattr(callback, "start_epoch", None)):  # start 0: set up pre-wrap
+        return (f"QuantizationAwareTraining(start_step={callback.start_step}, start_epoch={callback.start_epoch}) "
+                f"would swap modules inside already-wrapped FSDP units. Under FSDP, QAT must be prepared before "
+                f"wrapping: pass start_step=0 (prepared in `setup`, before the strategy wraps the model).")
+    return None
+
+
+def _fsdp_conflicts(trainer: Any) -> list[str]:
+    """Compression setups of ``trainer``'s callbacks that cannot act on FSDP-sharded weights, with their fix."""
+    return [p for p in (fsdp_problem(cb) for cb in getattr(trainer, "callbacks", [])) if p]
 
 
 class CompressionFSDPStrategy(pl.strategies.FSDPStrategy):
@@ -219,5 +223,5 @@ def full_params(trainer: Any) -> Iterator[None]:
         yield
 
 
-__all__ = ["CompressionDDPStrategy", "CompressionFSDPStrategy", "ddp_strategy", "fsdp_strategy", "full_params",
-           "is_fsdp"]
+__all__ = ["CompressionDDPStrategy", "CompressionFSDPStrategy", "ddp_strategy", "fsdp_problem", "fsdp_strategy",
+           "full_params", "is_fsdp"]

@@ -94,3 +94,18 @@ def test_cli_recipe_configures_the_ddp_strategy() -> None:
     assert strategy._auto_find_unused and cli.trainer.num_devices == 2
     mons = [c for c in cli.trainer.callbacks if isinstance(c, LatencyMonitor)]
     assert len(mons) == 1 and mons[0].data_parallel and mons[0].config.max_time_s == 1.0
+
+
+def test_callbacks_refuse_what_cannot_work_on_sharded_weights_under_any_fsdp_strategy() -> None:
+    from lightning_latency._compat import MisconfigurationException
+
+    fsdp = SimpleNamespace(strategy=pl.strategies.FSDPStrategy())  # a plain Lightning FSDP strategy, not ours
+    with pytest.raises(MisconfigurationException, match="Prune the unsharded model before wrapping"):
+        MagnitudePruning(mode="structured")._check_strategy(fsdp, HFModule())
+    MagnitudePruning(mode="unstructured")._check_strategy(fsdp, HFModule())  # masked pruning is fine
+    with pytest.raises(MisconfigurationException, match=r"start_step=0 \(prepared in `setup`"):
+        QuantizationAwareTraining(start_step=3).setup(fsdp, HFModule(), "fit")
+    with pytest.raises(MisconfigurationException, match="cannot time an FSDP-sharded model"):
+        from lightning_latency import LatencyMonitor
+
+        LatencyMonitor().setup(fsdp, HFModule(), "fit")
