@@ -29,7 +29,7 @@ from lightning_latency.pruning.structured import (
     structure,
 )
 from lightning_latency.pruning.targets import resolve_targets
-from lightning_latency.strategies import full_params, is_fsdp
+from lightning_latency.strategies import fsdp_problem, full_params, is_fsdp
 
 _INTERVALS = ("step", "epoch")
 
@@ -178,6 +178,8 @@ class MagnitudePruning(CallbackBase):
     def _check_strategy(self, trainer: Any, pl_module: Any = None) -> None:
         if self.config.mode is not PruningMode.STRUCTURED:
             return
+        if is_fsdp(trainer):
+            raise MisconfigurationException(fsdp_problem(self))
         if getattr(trainer.strategy, "_start_method", None) != "spawn":
             return
         # ddp_spawn copies the final weights back into the main process's (full-size) module, where no hook of ours
