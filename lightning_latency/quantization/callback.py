@@ -19,7 +19,7 @@ import torch
 from torch import nn
 from typing_extensions import override
 
-from lightning_latency._compat import CallbackBase, rank_zero_info, rank_zero_warn
+from lightning_latency._compat import CallbackBase, MisconfigurationException, rank_zero_info, rank_zero_warn
 from lightning_latency._target import check_model_attr, resolve_target
 from lightning_latency.quantization.config import QuantizationConfig
 from lightning_latency.quantization.checkpoint import CHECKPOINT_KEY, pack_quantized_state, unpack_quantized_state
@@ -34,6 +34,7 @@ from lightning_latency.quantization.qat import (
     unconvert_qat,
     weight_error,
 )
+from lightning_latency.strategies import fsdp_problem, is_fsdp
 
 _PHASES = ("float", "prepared", "frozen", "converted")
 
@@ -232,6 +233,9 @@ class QuantizationAwareTraining(CallbackBase):
     @override
     def setup(self, trainer: Any, pl_module: Any, stage: str) -> None:
         # Lightning calls `setup` before restoring a checkpoint's weights, so the hook sees them first.
+        problem = fsdp_problem(self) if stage == "fit" and is_fsdp(trainer) else None
+        if problem:
+            raise MisconfigurationException(problem)
         if self._hook_handle is not None:
             self._hook_handle.remove()
         self._trainer = trainer
