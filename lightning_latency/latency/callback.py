@@ -33,7 +33,9 @@ _FORWARD_KEYS = {"p50_ms": "median_ms", "p90_ms": "p90_ms", "p99_ms": "p99_ms", 
                  "tokens_per_s": "tokens_per_s", "model_mb": "model_mb", "num_params": "num_params",
                  "nonzero_params": "nonzero_params", "peak_memory_mb": "peak_memory_mb", "mbu": "mbu",
                  "mfu": "mfu", "count": "count"}
-_GEN_KEYS = {"ttft_ms": "ttft_ms", "tpot_ms": "tpot_ms", "tokens_per_s": "tokens_per_s", "mbu": "mbu",
+# Generation metrics get their own names: a generative model is timed both ways, and the forward pass's
+# tokens/s and MBU must not be overwritten by decode's.
+_GEN_KEYS = {"ttft_ms": "ttft_ms", "tpot_ms": "tpot_ms", "gen_tokens_per_s": "tokens_per_s", "decode_mbu": "mbu",
              "kv_cache_mb": "kv_cache_mb"}
 
 
