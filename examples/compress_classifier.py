@@ -156,18 +156,20 @@ def plot(rows: list[dict[str, Any]], path: Path, seq_len: int) -> Any:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4.5))
+    fig, axes = plt.subplots(1, 2, figsize=(11, 5.2))
     for ax, key, title in ((axes[0], "p50_b1_ms", "batch 1"), (axes[1], "p50_b32_ms", "batch 32")):
-        for r in rows:
-            ax.scatter(r[key], r["accuracy"], s=30 + 4 * r["size_mb"])
-            ax.annotate(r["name"], (r[key], r["accuracy"]), textcoords="offset points", xytext=(5, 4), fontsize=8)
+        for i, r in enumerate(rows):
+            ax.scatter(r[key], r["accuracy"], s=30 + 4 * r["size_mb"], color=f"C{i}", alpha=0.8,
+                       label=f"{r['name']} ({r['size_mb']:.0f} MB)")
         ax.set_xscale("log")
         ax.set_xlabel(f"p50 latency, ms ({title}, seq {seq_len}; log scale)")
         ax.set_ylabel("held-out accuracy")
         ax.grid(True, alpha=0.3)
         ax.set_title(f"Rotten Tomatoes, {title}")
     fig.suptitle("MiniLM-L6 teacher → distilled, pruned, int8 student (marker area ~ model size)")
-    fig.tight_layout()
+    handles, labels = axes[0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="lower center", ncol=3, fontsize=8, markerscale=0.5, frameon=False)
+    fig.tight_layout(rect=(0, 0.12, 1, 1))
     fig.savefig(path, dpi=120)
     return fig
 
