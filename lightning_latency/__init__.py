@@ -81,6 +81,12 @@ _EXPORTS: dict[str, str] = {
     # multi-device
     "ddp_strategy": "lightning_latency.strategies",
     "fsdp_strategy": "lightning_latency.strategies",
+    "CompressionDDPStrategy": "lightning_latency.strategies",
+    "CompressionFSDPStrategy": "lightning_latency.strategies",
+    "fsdp_problem": "lightning_latency.strategies",
+    "full_params": "lightning_latency.strategies",
+    "is_fsdp": "lightning_latency.strategies",
+    "resolve_target": "lightning_latency._target",
 }
 
 __all__ = sorted(_EXPORTS) + ["__version__"]
