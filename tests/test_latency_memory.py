@@ -61,11 +61,25 @@ def test_torchao_int8_weights_count_packed_storage() -> None:
 
 
 def test_peak_memory_cpu_sees_allocations() -> None:
-    with PeakMemory(torch.device("cpu")) as peak:
-        big = torch.ones(64, 1024, 1024)  # 256 MB, touched
-        peak.sample()
-        del big
-    assert peak.peak_mb > 100
+    # A fresh process: in a long pytest run the allocator may already hold freed memory, which a new tensor reuses
+    # without growing the RSS (process RSS growth is what PeakMemory reports on CPU).
+    import subprocess
+    import sys
+    import textwrap
+
+    code = textwrap.dedent(
+        """
+        import torch
+        from lightning_latency.latency.memory import PeakMemory
+        with PeakMemory(torch.device("cpu")) as peak:
+            big = torch.ones(64, 1024, 1024)  # 256 MB, touched
+            del big  # freed before any sample: only the kernel's peak-RSS counter still sees it (Linux)
+        print(peak.peak_mb)
+        """
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True)
+    peak_mb = float(out.stdout.strip().splitlines()[-1])
+    assert 200 < peak_mb < 400, peak_mb
 
 
 def test_bad_model_argument() -> None:

@@ -142,17 +142,42 @@ def _rss_bytes() -> int:
         return 0
 
 
-class PeakMemory:
-    """Peak extra memory while a block runs: CUDA peak allocated on GPU, sampled RSS growth on CPU.
+def _reset_peak_rss() -> bool:
+    """Reset the kernel's peak-RSS counter (VmHWM) of this process; False where Linux does not allow it."""
+    try:
+        with open("/proc/self/clear_refs", "w") as fh:
+            fh.write("5")
+        return True
+    except OSError:
+        return False
 
-    On CPU the RSS is read before the block and at every :meth:`sample` call (after each timed run), so the result is
-    the largest growth seen at those points: an approximation that misses allocations freed within one forward.
+
+def _peak_rss_bytes() -> int:
+    """Peak resident set size (VmHWM) since the last reset; 0 where unavailable."""
+    try:
+        with open("/proc/self/status") as fh:
+            for line in fh:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return 0
+
+
+class PeakMemory:
+    """Peak extra memory while a block runs: CUDA peak allocated on GPU, RSS growth on CPU.
+
+    On Linux the kernel's peak-RSS counter (VmHWM) is reset on entry, so the CPU result includes memory allocated and
+    freed inside one forward. Elsewhere the RSS is sampled at every :meth:`sample` call (after each timed run), which
+    misses such transient allocations. Either way it is *process* RSS growth: memory the allocator already holds from
+    earlier work is reused without growing the RSS, so a warm process can report less than a fresh one.
     """
 
     def __init__(self, device: torch.device) -> None:
         self.device = device
         self.peak_bytes = 0
         self._base = 0
+        self._hwm = False
 
     def __enter__(self) -> PeakMemory:
         if self.device.type == "cuda":
@@ -161,11 +186,13 @@ class PeakMemory:
             self._base = torch.cuda.memory_allocated(self.device)
         else:
             self._base = _rss_bytes()
+            self._hwm = _reset_peak_rss()
         return self
 
     def sample(self) -> None:
         if self.device.type != "cuda":
-            self.peak_bytes = max(self.peak_bytes, _rss_bytes() - self._base)
+            current = _peak_rss_bytes() if self._hwm else _rss_bytes()
+            self.peak_bytes = max(self.peak_bytes, current - self._base)
 
     def __exit__(self, *exc: Any) -> None:
         if self.device.type == "cuda":
