@@ -11,6 +11,7 @@ inputs, and compiles the result with inductor freezing.
 from __future__ import annotations
 
 import copy
+import warnings
 from collections.abc import Iterable, Mapping
 from typing import Any
 
@@ -164,7 +165,11 @@ def deploy(
     # Compile now, at the first call, with freezing (constant-folds the int8 weights and prepacks them for oneDNN;
     # it needs no_grad calls, see DeployedModel.forward). In torch 2.13 `torch.compile(options={"freezing": True})`
     # fails on the x86 int8 graph (fake-tensor `onednn.qlinear_prepack`); patching the inductor config works.
-    deployed(*args, **kwargs)
+    with warnings.catch_warnings():
+        # torch 2.13's own oneDNN int8 lowering copies a tensor with torch.tensor(); harmless, and it would print
+        # twice per compile. Only that warning, only during this first (compiling) call, is silenced.
+        warnings.filterwarnings("ignore", message="To copy construct from a tensor", category=UserWarning)
+        deployed(*args, **kwargs)
     return deployed
 
 
