@@ -156,6 +156,7 @@ def plot(rows: list[dict[str, Any]], path: Path, seq_len: int) -> Any:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    import matplotlib.ticker
 
     fig, axes = plt.subplots(1, 2, figsize=(11, 5.2))
     for ax, key, title in ((axes[0], "p50_b1_ms", "batch 1"), (axes[1], "p50_b32_ms", "batch 32")):
@@ -163,6 +164,8 @@ def plot(rows: list[dict[str, Any]], path: Path, seq_len: int) -> Any:
             ax.scatter(r[key], r["accuracy"], s=30 + 4 * r["size_mb"], color=f"C{i}", alpha=0.8,
                        label=f"{r['name']} ({r['size_mb']:.0f} MB)")
         ax.set_xscale("log")
+        ax.xaxis.set_major_formatter(matplotlib.ticker.FormatStrFormatter("%g"))
+        ax.xaxis.set_minor_formatter(matplotlib.ticker.FormatStrFormatter("%g"))
         ax.set_xlabel(f"p50 latency, ms ({title}, seq {seq_len}; log scale)")
         ax.set_ylabel("held-out accuracy")
         ax.grid(True, alpha=0.3)

@@ -28,6 +28,11 @@ from lightning_latency.quantization.qat import (
 )
 from lightning_latency.quantization.targets import select_modules
 
+# torch 2.13's own oneDNN int8 lowering calls torch.tensor() on a tensor; harmless, but it prints twice on every
+# (re)compile of a deployed model. Silenced for that torch module only.
+warnings.filterwarnings("ignore", message="To copy construct from a tensor", category=UserWarning,
+                        module=r"torch\._inductor\.mkldnn_lowerings")
+
 
 class DeployedModel(nn.Module):
     """A compiled, frozen inference model; calls run under ``torch.no_grad`` (inductor freezing needs it).
@@ -165,11 +170,7 @@ def deploy(
     # Compile now, at the first call, with freezing (constant-folds the int8 weights and prepacks them for oneDNN;
     # it needs no_grad calls, see DeployedModel.forward). In torch 2.13 `torch.compile(options={"freezing": True})`
     # fails on the x86 int8 graph (fake-tensor `onednn.qlinear_prepack`); patching the inductor config works.
-    with warnings.catch_warnings():
-        # torch 2.13's own oneDNN int8 lowering copies a tensor with torch.tensor(); harmless, and it would print
-        # twice per compile. Only that warning, only during this first (compiling) call, is silenced.
-        warnings.filterwarnings("ignore", message="To copy construct from a tensor", category=UserWarning)
-        deployed(*args, **kwargs)
+    deployed(*args, **kwargs)
     return deployed
 
 
