@@ -40,6 +40,8 @@ def main() -> int:
         parser.error(f"--only got unknown benchmark(s) {unknown}; choose from {discover()}")
     rows: list[dict[str, str]] = []
     failed = []
+    durations: list[str] = []
+    began = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
     for name in names:
         start = time.perf_counter()
         print(f"== bench_{name} ...", file=sys.stderr, flush=True)
@@ -50,9 +52,11 @@ def main() -> int:
             traceback.print_exc()
             failed.append(name)
             rows.append(row(name, "FAILED", type(exc).__name__, note=str(exc)[:120]))
+        durations.append(f"{name} {time.perf_counter() - start:.0f} s")
         print(f"== bench_{name} done in {time.perf_counter() - start:.0f}s", file=sys.stderr, flush=True)
     header = f"Machine: {machine_line()} (threads fixed at {threads}){' — QUICK RUN, numbers not meaningful' if args.quick else ''}"
-    text = f"{header}\n\n{table(rows)}\n"
+    command = "benchmarks/run_all.py" + (" --quick" if args.quick else "") + (f" --only {' '.join(names)}" if args.only else "")
+    text = f"{header}\n\nCommand: `{command}`, started {began}; durations: {', '.join(durations)}.\n\n{table(rows)}\n"
     print("\n" + text)
     if args.out:
         Path(args.out).write_text(text)
