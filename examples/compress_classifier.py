@@ -35,7 +35,7 @@ from typing import Any
 
 import torch
 from torch import nn
-from torch.utils.data import DataLoader, Dataset, Subset
+from torch.utils.data import DataLoader, Dataset
 
 import pytorch_lightning as pl
 from lightning_latency import (
