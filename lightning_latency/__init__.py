@@ -35,6 +35,8 @@ _EXPORTS: dict[str, str] = {
     # pruning
     "PruningConfig": "lightning_latency.pruning",
     "prune_step": "lightning_latency.pruning",
+    "layer_sensitivity": "lightning_latency.pruning",
+    "plan_budget": "lightning_latency.pruning",
     "save_pruned": "lightning_latency.pruning",
     "load_pruned": "lightning_latency.pruning",
     "PruningMode": "lightning_latency.pruning",
@@ -45,6 +47,7 @@ _EXPORTS: dict[str, str] = {
     "model_counts": "lightning_latency.pruning",
     "structured_sparsity": "lightning_latency.pruning",
     "MagnitudePruning": "lightning_latency.pruning.callback",
+    "LatencyBudgetPruning": "lightning_latency.pruning.budget_callback",
     # quantization-aware training
     "QuantizationConfig": "lightning_latency.quantization",
     "prepare_qat": "lightning_latency.quantization",

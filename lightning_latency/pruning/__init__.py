@@ -2,9 +2,18 @@
 
 Core: :class:`PruningConfig` + :func:`prune_step`; :func:`save_pruned` / :func:`load_pruned` round-trip a
 structurally pruned Hugging Face model; :class:`~lightning_latency.pruning.callback.MagnitudePruning` schedules it
-inside ``Trainer.fit``.
+inside ``Trainer.fit``. :func:`layer_sensitivity` + :func:`plan_budget` allocate removals to a latency target;
+:class:`~lightning_latency.pruning.budget_callback.LatencyBudgetPruning` does it inside ``Trainer.fit``.
 """
 
+from lightning_latency.pruning.budget import (
+    BudgetUnreachable,
+    Move,
+    SensitivityReport,
+    apply_moves,
+    layer_sensitivity,
+    plan_budget,
+)
 from lightning_latency.pruning.config import PruningConfig, PruningMode
 from lightning_latency.pruning.core import PruningResult, model_counts, prune_step, structured_sparsity
 from lightning_latency.pruning.hf_io import load_pruned, save_pruned
@@ -13,6 +22,12 @@ from lightning_latency.pruning.schedule import PruningSchedule
 from lightning_latency.pruning.structured import reshape_to_state_dict, structure
 
 __all__ = [
+    "BudgetUnreachable",
+    "Move",
+    "SensitivityReport",
+    "apply_moves",
+    "layer_sensitivity",
+    "plan_budget",
     "PruningConfig",
     "PruningMode",
     "PruningResult",

@@ -1,0 +1,175 @@
+"""Latency-budget pruning (lightning_latency/pruning/budget.py, budget_callback.py): sensitivity, plan, callback.
+
+Latency here is an injected fake (a linear cost per head and per neuron of the current structure): no timing in tests.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from helpers import VOCAB, HFModule, read_csv_metrics, tiny_bert, tiny_llama, trainer_kwargs
+from torch import nn
+
+from lightning_latency._compat import MisconfigurationException, Trainer, pl
+from lightning_latency.pruning.budget import (
+    BudgetUnreachable,
+    Move,
+    apply_moves,
+    layer_sensitivity,
+    plan_budget,
+    prunable_units,
+    unit_counts,
+)
+from lightning_latency.pruning.budget_callback import LatencyBudgetPruning
+from lightning_latency.pruning.structured import structure
+
+HEAD_MS, NEURON_MS, FIXED_MS = 1.0, 0.01, 2.0
+
+
+def fake_latency(model: nn.Module) -> float:
+    """2 ms fixed + 1 ms per query head + 0.01 ms per MLP neuron of the current structure."""
+    s = structure(model)
+    return FIXED_MS + sum(v.get("heads", 0) * HEAD_MS + v.get("neurons", 0) * NEURON_MS for v in s.values())
+
+
+def _batches(n: int = 2, seq: int = 16) -> list[dict[str, torch.Tensor]]:
+    g = torch.Generator().manual_seed(0)
+    out = []
+    for _ in range(n):
+        ids = torch.randint(0, VOCAB, (4, seq), generator=g)
+        out.append({"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": torch.tensor([0, 1, 0, 1])})
+    return out
+
+
+def _loss(model: nn.Module, batch: Any) -> torch.Tensor:
+    return model(**batch).loss
+
+
+def _hand_made_bert() -> nn.Module:
+    """Layer 1's attention output is zero (its heads cost nothing to remove); layer 0's heads carry the signal."""
+    model = tiny_bert().eval()
+    with torch.no_grad():
+        model.bert.encoder.layer[1].attention.output.dense.weight.zero_()
+        model.bert.encoder.layer[0].attention.self.value.weight.mul_(8.0)
+        model.classifier.weight.mul_(20.0)
+    return model
+
+
+def test_sensitivity_orders_layers_as_the_hand_made_case_demands() -> None:
+    model = _hand_made_bert()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    report = layer_sensitivity(model, _loss, _batches(), fractions=(0.5,), latency_fn=fake_latency)
+    free = report.row("bert.encoder.layer.1.attention", "heads", 0.5)
+    costly = report.row("bert.encoder.layer.0.attention", "heads", 0.5)
+    assert abs(free.delta_loss) < 1e-5 < abs(costly.delta_loss)
+    assert free.saved_ms == pytest.approx(2 * HEAD_MS) and free.removed == 2
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())  # the model itself is untouched
+    assert "bert.encoder.layer.1.attention" in report.format()
+    # the plan takes the free milliseconds first
+    plan = plan_budget(report, report.base_ms - 2 * HEAD_MS)
+    assert plan == [Move("bert.encoder.layer.1.attention", "heads", 0.5)]
+
+
+def test_sensitivity_plot_is_written(tmp_path: Path) -> None:
+    report = layer_sensitivity(tiny_bert(), _loss, _batches(1), fractions=(0.5,), latency_fn=fake_latency)
+    path = report.plot(str(tmp_path / "sensitivity.png"))
+    assert Path(path).stat().st_size > 1000
+
+
+def test_plan_meets_the_predicted_budget_and_apply_reaches_it() -> None:
+    model = tiny_bert()
+    report = layer_sensitivity(model, _loss, _batches(1), latency_fn=fake_latency)
+    target = 0.6 * report.base_ms
+    plan = plan_budget(report, target)
+    apply_moves(model, plan)
+    assert fake_latency(model) <= target  # the fake is additive, so the prediction is exact
+    assert fake_latency(model) > target - max(HEAD_MS, 0.25 * 128 * NEURON_MS) - 1e-9  # no move more than needed
+
+
+def test_gqa_units_count_query_heads_per_group() -> None:
+    model = tiny_llama()  # 4 heads, 2 KV heads: 2 query heads per group
+    units = prunable_units(model)
+    assert units[("model.layers.0.self_attn", "heads")] == 2
+    apply_moves(model, [Move("model.layers.0.self_attn", "heads", 0.5)])
+    assert unit_counts(model)[("model.layers.0.self_attn", "heads")] == 1
+    assert model.model.layers[0].self_attn.k_proj.out_features == 2 * 16  # KV heads kept
+    model(input_ids=torch.randint(0, VOCAB, (1, 8)))
+
+
+@pytest.mark.parametrize(
+    ("make", "error", "match"),
+    [
+        (lambda: plan_budget(layer_sensitivity(tiny_bert(), _loss, _batches(1), latency_fn=fake_latency), 1.0),
+         BudgetUnreachable, r"`target_ms`=1 cannot be reached.*Pass target_ms >= "),
+        (lambda: plan_budget(layer_sensitivity(tiny_bert(), _loss, _batches(1)), 5.0),
+         ValueError, r"`report` has no latency"),
+        (lambda: layer_sensitivity(tiny_bert(), _loss, []), ValueError, r"`calibration` is empty"),
+        (lambda: layer_sensitivity(tiny_bert(), _loss, _batches(1), fractions=(1.5,)),
+         ValueError, r"`fractions` must be .* in \(0, 1\), got \[1.5\]"),
+        (lambda: prunable_units(nn.Sequential(nn.Linear(4, 4))), ValueError, r"no attention heads or MLP.*Sequential"),
+        (lambda: apply_moves(tiny_bert(), [Move("nope", "heads", 0.5)]), ValueError, r"`moves` names 'nope'"),
+        (lambda: LatencyBudgetPruning(target_ms=0, latency_fn=fake_latency), ValueError, r"`target_ms` must be .*got 0"),
+        (lambda: LatencyBudgetPruning(target_ms="5"), ValueError, r"`target_ms` must be .*got '5'"),
+        (lambda: LatencyBudgetPruning(target_ms=5.0), ValueError, r"needs `example_inputs`.*or a `latency_fn"),
+        (lambda: LatencyBudgetPruning(target_ms=5.0, latency_fn=fake_latency, frequency=0), ValueError,
+         r"`frequency` must be an int >= 1, got 0"),
+        (lambda: LatencyBudgetPruning(target_ms=5.0, latency_fn="fast"), ValueError, r"`latency_fn` must be callable"),
+    ],
+)
+def test_misconfiguration(make, error, match: str) -> None:
+    with pytest.raises(error, match=match):
+        make()
+
+
+def _run(folder: Path, module: HFModule, callbacks: list, ckpt_path: str | None = None, **kwargs: Any) -> Trainer:
+    trainer = Trainer(**trainer_kwargs(folder, callbacks=callbacks, **kwargs))
+    trainer.fit(module, ckpt_path=ckpt_path)
+    return trainer
+
+
+def test_callback_stops_at_the_budget_and_logs(tmp_path: Path) -> None:
+    module = HFModule(kind="bert")
+    dense = fake_latency(module.model)
+    target = 0.55 * dense
+    budget = LatencyBudgetPruning(target_ms=target, latency_fn=fake_latency, start=2, frequency=2, steps=3,
+                                  calibration_batches=2)
+    trainer = _run(tmp_path, module, [budget], max_steps=10)
+    assert budget.measured_ms is not None and budget.measured_ms <= target
+    assert fake_latency(module.model) == pytest.approx(budget.measured_ms)
+    assert budget._done and 0 < len(budget.allocation) <= len(budget._plan)
+    rows = read_csv_metrics(trainer)
+    measured = [float(r["budget/measured_ms"]) for r in rows if r.get("budget/measured_ms")]
+    assert measured and measured == sorted(measured, reverse=True) and measured[-1] <= target
+    assert any(r.get("budget/target_ms") for r in rows)
+    # the model still trains and runs after the last structural step
+    module.model(**{k: v for k, v in _batches(1)[0].items()})
+
+
+def test_callback_refuses_an_unreachable_budget_in_setup(tmp_path: Path) -> None:
+    budget = LatencyBudgetPruning(target_ms=1.0, latency_fn=fake_latency, start=1)
+    with pytest.raises(MisconfigurationException, match=r"`target_ms`=1 is below what pruning can reach.*ms\. Pass "
+                                                         r"target_ms >= "):
+        _run(tmp_path, HFModule(kind="bert"), [budget], max_steps=2)
+
+
+def test_resume_gives_the_same_allocation(tmp_path: Path) -> None:
+    def callbacks(folder: Path) -> list:
+        budget = LatencyBudgetPruning(target_ms=0.5 * fake_latency(tiny_bert()), latency_fn=fake_latency, start=2,
+                                      frequency=2, steps=3, calibration_batches=2)
+        return [budget, pl.callbacks.ModelCheckpoint(dirpath=folder, every_n_epochs=1, save_top_k=-1,
+                                                     save_on_train_epoch_end=True)]
+
+    full, full_callbacks = HFModule(kind="bert"), callbacks(tmp_path / "ckpt")
+    _run(tmp_path / "a", full, full_callbacks, max_steps=8, enable_checkpointing=True)
+    checkpoint = tmp_path / "ckpt" / "epoch=0-step=4.ckpt"  # after the first two pruning steps
+    assert checkpoint.exists()
+    resumed, resumed_callbacks = HFModule(kind="bert"), callbacks(tmp_path / "ckpt_b")
+    _run(tmp_path / "b", resumed, resumed_callbacks, ckpt_path=str(checkpoint), max_steps=8,
+         enable_checkpointing=True)
+    assert resumed_callbacks[0].allocation == full_callbacks[0].allocation
+    assert structure(resumed) == structure(full)
+    for key, value in full.state_dict().items():
+        torch.testing.assert_close(resumed.state_dict()[key], value, rtol=1e-5, atol=1e-6, msg=key)
