@@ -37,9 +37,11 @@ def machine_line() -> str:
                     break
     except OSError:
         pass
+    from lightning_latency.cpu import cpu_features
+
     return (
-        f"{cpu}; {os.cpu_count()} cores; torch {torch.__version__}; threads {torch.get_num_threads()}; "
-        f"python {platform.python_version()}"
+        f"{cpu}; CPU class {cpu_features().label}; {os.cpu_count()} cores; torch {torch.__version__}; "
+        f"threads {torch.get_num_threads()}; python {platform.python_version()}"
     )
 
 

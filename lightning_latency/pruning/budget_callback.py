@@ -143,7 +143,7 @@ class LatencyBudgetPruning(CallbackBase):
             return  # resumed: the floor was checked on the first run
         floor_model = copy.deepcopy(model)
         apply_moves(floor_model, [Move(b, k, self.max_fraction) for b, k in units])
-        floor = float(self.latency_fn(floor_model))
+        floor = min(float(self.latency_fn(floor_model)) for _ in range(3))  # optimistic: refuse only the impossible
         if floor > self.target_ms:
             raise MisconfigurationException(
                 f"`target_ms`={self.target_ms:g} is below what pruning can reach: with `max_fraction`="
@@ -219,7 +219,7 @@ class LatencyBudgetPruning(CallbackBase):
         for _ in range(chunk):
             apply_moves(model, [self._plan[self._applied]])
             self._applied += 1
-            measured = float(self.latency_fn(model))
+            measured = self._measure(model)
             if trainer.world_size > 1:
                 measured = float(trainer.strategy.broadcast(measured, src=0))
             if measured <= self.target_ms:
@@ -236,6 +236,14 @@ class LatencyBudgetPruning(CallbackBase):
                            f"{measured:.3f} ms, above `target_ms`={self.target_ms:g}. Savings were smaller than "
                            "the sensitivity pass predicted; quantize as well or raise max_fraction.")
             self._done = True
+
+    def _measure(self, model: nn.Module) -> float:
+        """One measurement; one under the target is confirmed by the median of three, so one lucky run on a busy
+        machine does not stop the pruning early."""
+        first = float(self.latency_fn(model))
+        if first > self.target_ms:
+            return first
+        return sorted([first, float(self.latency_fn(model)), float(self.latency_fn(model))])[1]
 
     def _log(self, trainer: Any, model: nn.Module, measured: float) -> None:
         if trainer.global_rank != 0 or not trainer.loggers:
