@@ -156,6 +156,16 @@ class Int4WeightOnlyLinear(_WeightOnlyLinear):
         q, scale, zero = int4_grid(linear.weight, group_size)
         return cls(q, scale, zero, group_size, linear.bias)
 
+    @torch.no_grad()
+    def dequantize(self) -> torch.Tensor:
+        """The weight ``(out, in)`` as the kernel applies it, read back through the kernel (bf16-rounded, in fp32).
+
+        The CPU packing layout is private to ATen, so the weight is recovered by multiplying the identity.
+        """
+        eye = torch.eye(self.in_features, dtype=torch.bfloat16)
+        return torch.ops.aten._weight_int4pack_mm_for_cpu(eye, self.weight_packed, self.group_size,
+                                                          self.scales_and_zeros).T.float()
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x2 = x.reshape(-1, self.in_features).to(torch.bfloat16)
         y = torch.ops.aten._weight_int4pack_mm_for_cpu(x2, self.weight_packed, self.group_size, self.scales_and_zeros)

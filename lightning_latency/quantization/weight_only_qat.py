@@ -16,6 +16,7 @@ and keep their state-dict keys, so a checkpoint of a prepared model loads into a
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 from torch import nn
@@ -35,14 +36,25 @@ from lightning_latency.quantization.weight_only import (
 )
 
 
+class _StraightThrough(torch.autograd.Function):
+    """Forward: the grid values exactly (``w + (fq - w).detach()`` is off by fp32 rounding); backward: identity."""
+
+    @staticmethod
+    def forward(ctx: Any, weight: torch.Tensor, fq: torch.Tensor) -> torch.Tensor:
+        return fq
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
+        return grad, None
+
+
 def fake_quantize_weight(weight: torch.Tensor, bits: int = 4, group_size: int = 32) -> torch.Tensor:
     """The dequantized weight ``(out, in)`` on the deployment grid, with a straight-through gradient to ``weight``."""
     if bits == 4:
         fq = int4_dequantize(*int4_grid(weight, group_size), group_size)
     else:
         fq = int8_dequantize(*int8_grid(weight))
-    fq = fq.to(weight.dtype)
-    return weight + (fq - weight).detach()
+    return _StraightThrough.apply(weight, fq.to(weight.dtype))
 
 
 class WeightOnlyFakeQuantLinear(nn.Linear):
