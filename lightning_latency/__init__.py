@@ -93,6 +93,9 @@ _EXPORTS: dict[str, str] = {
     "Int8WeightOnlyLinear": "lightning_latency.quantization.weight_only",
     "prepare_weight_only_qat": "lightning_latency.quantization.weight_only_qat",
     "convert_weight_only_qat": "lightning_latency.quantization.weight_only_qat",
+    "fast_generate": "lightning_latency.latency.fast_generation",
+    "FastGenerator": "lightning_latency.latency.fast_generation",
+    "measure_bandwidth": "lightning_latency.latency.fast_generation",
 }
 
 __all__ = sorted(_EXPORTS) + ["__version__"]
