@@ -167,7 +167,8 @@ def main(quick: bool = False, student: bool = False, rounds: int | None = None) 
     if student:
         variants.update(_students(teacher, train, s))
 
-    bandwidth = measure_bandwidth(size_mb=16 if quick else 256)
+    bandwidth_mb = 16 if quick else 256
+    bandwidth = measure_bandwidth(size_mb=bandwidth_mb)
     prompt = {"input_ids": bbc_test[0]["input_ids"][None, : s["prompt"]]}
     cfg = LatencyConfig(warmup=1, min_runs=s["runs"], min_time_s=0.0, max_time_s=60.0, peak_bandwidth=bandwidth)
     compile_s: dict[str, float] = {}
@@ -206,7 +207,7 @@ def main(quick: bool = False, student: bool = False, rounds: int | None = None) 
                         target, note))
     rows.append(row(BENCH, "int4 weight-only g128", "n/a", "", "",
                     "SmolLM2's 576-wide inputs are not a multiple of 128: the kernel needs group | in_features"))
-    rows.append(row(BENCH, "memory bandwidth (256 MB copy)", f"{bandwidth / 1e9:.1f} GB/s", "", "",
+    rows.append(row(BENCH, f"memory bandwidth ({bandwidth_mb} MB copy)", f"{bandwidth / 1e9:.1f} GB/s", "", "",
                     f"MBU denominator; {isa_line()}; batch 1, prompt {s['prompt']}, {s['new']} new tokens, greedy"))
     if not student:
         rows.append(row(BENCH, "student rows", "skipped", "", "", "pass --student (Q4_1 caveat: int4 on the teacher "
