@@ -13,8 +13,8 @@ One run, side by side (batch 1, prompt 64, 64 new tokens, greedy, 2 threads):
   continued with int4 weight-only QAT on the deployment grid (QAT+KD), same steps for both.
 
 Rows are measured in interleaved rounds (every variant once per round, ``--rounds`` rounds); each reports the median
-over rounds of its TPOT and TTFT, the spread (max − min) / median across rounds, decode tokens/s, size, MBU against the
-bandwidth measured here by a 256 MB copy (``measure_bandwidth``), and perplexity on held-out BBC articles plus
+over rounds of its TPOT and TTFT, the spread (max − min) / median across rounds, decode tokens/s, size, MBU against
+the bandwidth measured here by a 256 MB copy (``measure_bandwidth``), and perplexity on held-out BBC articles plus
 Rotten Tomatoes review text (no step trains on either).
 
 **The Q4_1 caveat.** The shipped SmolLM2 weights were dequantized from a Q4_1 GGUF (4 bit, group 32, with a

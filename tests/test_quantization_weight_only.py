@@ -137,3 +137,21 @@ def test_accepts_torchao_config() -> None:
     from torchao.utils import TorchAOBaseTensor
 
     assert isinstance(model.get_submodule(names[0]).weight, TorchAOBaseTensor)
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+def test_state_dict_round_trip_and_dtype_casts(bits: int) -> None:
+    source, target = tiny_llama().eval(), tiny_llama().eval()
+    with torch.no_grad():
+        for p in target.parameters():
+            p.add_(0.1)  # different weights before loading
+    quantize_weight_only(source, bits=bits)
+    quantize_weight_only(target, bits=bits)
+    target.load_state_dict(source.state_dict())
+    ids = torch.randint(0, 128, (1, 6))
+    with torch.no_grad():
+        ref = source(input_ids=ids).logits
+        assert torch.equal(target(input_ids=ids).logits, ref)
+        # casting the model afterwards (buffers included) must not break the kernels' bf16 scales
+        target.double().float()
+        assert torch.equal(target(input_ids=ids).logits, ref)

@@ -87,7 +87,8 @@ class FastGenerator:
         plen = int(input_ids.shape[1])
         if plen + max_new_tokens > self.max_cache_len:
             raise ValueError(f"prompt {plen} + `max_new_tokens` {max_new_tokens} exceeds `max_cache_len`="
-                             f"{self.max_cache_len}. Build the FastGenerator with max_cache_len>={plen + max_new_tokens}.")
+                             f"{self.max_cache_len}. Build the FastGenerator with "
+                             f"max_cache_len>={plen + max_new_tokens}.")
         if attention_mask is not None and not bool(attention_mask.all()):
             raise ValueError("`attention_mask` has padding; the fast generation form takes unpadded prompts only. "
                              "Generate each prompt on its own (batch_size=1) or use model.generate.")

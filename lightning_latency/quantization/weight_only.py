@@ -168,7 +168,9 @@ class Int4WeightOnlyLinear(_WeightOnlyLinear):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x2 = x.reshape(-1, self.in_features).to(torch.bfloat16)
-        y = torch.ops.aten._weight_int4pack_mm_for_cpu(x2, self.weight_packed, self.group_size, self.scales_and_zeros)
+        # `.to`: a later `model.float()` / `model.half()` casts floating buffers; the kernel needs bf16 (a no-op here)
+        y = torch.ops.aten._weight_int4pack_mm_for_cpu(x2, self.weight_packed, self.group_size,
+                                                       self.scales_and_zeros.to(torch.bfloat16))
         return self._finish(y, x)
 
     def extra_repr(self) -> str:
@@ -199,7 +201,7 @@ class Int8WeightOnlyLinear(_WeightOnlyLinear):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x2 = x.reshape(-1, self.in_features).to(torch.bfloat16)
-        return self._finish(torch.ops.aten._weight_int8pack_mm(x2, self.weight_int8, self.scale), x)
+        return self._finish(torch.ops.aten._weight_int8pack_mm(x2, self.weight_int8, self.scale.to(torch.bfloat16)), x)
 
 
 def is_weight_only(module: nn.Module) -> bool:

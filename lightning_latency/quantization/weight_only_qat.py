@@ -153,7 +153,8 @@ def convert_weight_only_qat(model: nn.Module) -> list[str]:
             f"prepare_weight_only_qat(model, ...) (and train) first, or quantize_weight_only(model) for PTQ."
         )
     for name, m in modules.items():
-        new = (Int4WeightOnlyLinear.from_linear(m, m.group_size) if m.bits == 4 else Int8WeightOnlyLinear.from_linear(m))
+        new = (Int4WeightOnlyLinear.from_linear(m, m.group_size) if m.bits == 4
+               else Int8WeightOnlyLinear.from_linear(m))
         _replace(model, name, new)
     return list(modules)
 
