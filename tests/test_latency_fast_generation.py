@@ -130,3 +130,15 @@ def test_measure_generation_fast_form_reports_mbu() -> None:
     assert r.fast and r.new_tokens == 4 and r.tpot_ms > 0 and r.mbu is not None and r.mbu > 0
     with pytest.raises(ValueError, match=r"`fast=True` needs a Hugging Face causal LM"):
         measure_generation(nn.Linear(2, 2), fast=True)
+
+
+def test_fast_generate_cache_does_not_keep_models_alive() -> None:
+    import gc
+    import weakref
+
+    model = tiny_llama().eval()
+    fast_generate(model, torch.zeros(1, 4, dtype=torch.long), 2, compile=False)
+    ref = weakref.ref(model)
+    del model
+    gc.collect()
+    assert ref() is None

@@ -14,6 +14,7 @@ as :func:`~lightning_latency.latency.measure_generation` does for ``generate``).
 from __future__ import annotations
 
 import inspect
+import types
 import weakref
 from typing import Any
 
@@ -27,6 +28,11 @@ def _cache_kwarg(model: nn.Module) -> str:
     # transformers 5.2x renamed `past_key_values` to `cache` (the old name warns until 5.40).
     params = inspect.signature(model.forward).parameters
     return "cache" if "cache" in params else "past_key_values"
+
+
+def _step(model: nn.Module, cache: Any, cache_kw: str, ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+    out = model(input_ids=ids, cache_position=positions, use_cache=True, **{cache_kw: cache})
+    return out.logits[:, -1].argmax(-1, keepdim=True)
 
 
 class FastGenerator:
@@ -58,18 +64,22 @@ class FastGenerator:
         for name, value in (("max_cache_len", max_cache_len), ("batch_size", batch_size)):
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"`{name}` must be an integer >= 1, got {value!r}.")
-        self.model, self.max_cache_len, self.batch_size = model, max_cache_len, batch_size
+        self._model: Any = model
+        self.max_cache_len, self.batch_size = max_cache_len, batch_size
         self.compiled = bool(compile)
         self._kw = _cache_kwarg(model)
         self.cache = StaticCache(config=model.config, max_cache_len=max_cache_len)
-        self._step = torch.compile(self._decode, mode=compile_mode, dynamic=False) if compile else self._decode
+        # A fresh code object per generator: dynamo keeps its compiled graphs (and its recompile limit, 8) per code
+        # object, so generators for more than 8 models sharing `_step` would silently fall back to eager.
+        step = types.FunctionType(_step.__code__.replace(), _step.__globals__, f"_step_{id(self):x}")
+        self._step = torch.compile(step, mode=compile_mode, dynamic=False) if compile else _step
+
+    @property
+    def model(self) -> nn.Module:
+        return self._model() if isinstance(self._model, weakref.ref) else self._model
 
     def _forward(self, ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-        out = self.model(input_ids=ids, cache_position=positions, use_cache=True, **{self._kw: self.cache})
-        return out.logits[:, -1].argmax(-1, keepdim=True)
-
-    def _decode(self, token: torch.Tensor, position: torch.Tensor) -> torch.Tensor:
-        return self._forward(token, position)
+        return _step(self.model, self.cache, self._kw, ids, positions)
 
     @torch.inference_mode()
     def __call__(self, input_ids: torch.Tensor, max_new_tokens: int,
@@ -99,7 +109,7 @@ class FastGenerator:
         out[:, plen:plen + 1] = token
         for i in range(1, max_new_tokens):
             position = torch.tensor([plen + i - 1], device=input_ids.device)
-            token = self._step(token, position)
+            token = self._step(self.model, self.cache, self._kw, token, position)
             out[:, plen + i:plen + i + 1] = token
         return out
 
@@ -132,6 +142,8 @@ def fast_generate(model: nn.Module, input_ids: torch.Tensor, max_new_tokens: int
     gen = per_model.get(key)
     if gen is None:
         gen = per_model[key] = FastGenerator(model, key[1], key[0], compile=compile)
+        # The cache must not keep the model alive: a value that refers to its weak key never lets the entry go.
+        gen._model = weakref.ref(model)
     return gen(input_ids, max_new_tokens, attention_mask)
 
 
