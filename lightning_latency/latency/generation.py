@@ -18,6 +18,7 @@ from torch import nn
 
 from lightning_latency.latency._inputs import batch_size_of, move_to, resolve_inputs, token_ids_of
 from lightning_latency.latency.deploy import deployed
+from lightning_latency.latency.fast_generation import decode_bytes_per_token, fast_generate
 from lightning_latency.latency.hardware import known_peaks, utilisation
 from lightning_latency.latency.measure import LatencyConfig, _restore_flags, _Threads, _training_flags, timed_loop
 from lightning_latency.latency.memory import PeakMemory, model_stats
@@ -44,6 +45,7 @@ class GenerationReport:
     num_threads: int = 0
     device: str = "cpu"
     compiled: bool = False
+    fast: bool = False
     budget_exhausted: bool = False
     peak_memory_mb: float | None = None
     model_mb: float | None = None
@@ -116,9 +118,9 @@ def _prompt(model: nn.Module, inputs: Any, prompt_len: int, batch_size: int) -> 
 
 
 def measure_generation(model: nn.Module, inputs: Any = None, config: LatencyConfig | None = None,
-                       prompt_len: int = 64, new_tokens: int = 32, batch_size: int = 1,
-                       **overrides: Any) -> GenerationReport:
-    """Measure TTFT, TPOT and tokens/s of ``model.generate`` with greedy decoding.
+                       prompt_len: int = 64, new_tokens: int = 32, batch_size: int = 1, fast: bool = False,
+                       fast_compile: bool = True, **overrides: Any) -> GenerationReport:
+    """Measure TTFT, TPOT and tokens/s of ``model.generate`` (or the fast generation form) with greedy decoding.
 
     Args:
         model: a model with a Hugging Face style ``generate(input_ids=..., max_new_tokens=...)``.
@@ -128,6 +130,10 @@ def measure_generation(model: nn.Module, inputs: Any = None, config: LatencyConf
         prompt_len: prompt length when ``inputs`` is None.
         new_tokens: output tokens per call, N >= 2 (TPOT needs at least two).
         batch_size: prompts per call when ``inputs`` is None.
+        fast: time :func:`~lightning_latency.latency.fast_generation.fast_generate` (static KV cache, one
+            compiled single-token step) instead of ``generate``; unpadded prompts only. ``config.compile`` then
+            stays off for the model itself: the fast form compiles its own decode step (``fast_compile``).
+        fast_compile: compile the fast form's decode step (warm-up pays the compile).
         **overrides: fields of :class:`LatencyConfig` for this call.
 
     Raises:
@@ -139,7 +145,12 @@ def measure_generation(model: nn.Module, inputs: Any = None, config: LatencyConf
         print(report.ttft_ms, report.tpot_ms, report.tokens_per_s)
     """
     config = (config or LatencyConfig()).replace(**overrides) if overrides else (config or LatencyConfig())
-    if not callable(getattr(model, "generate", None)):
+    if fast and getattr(model, "config", None) is None:
+        raise ValueError(f"`fast=True` needs a Hugging Face causal LM with a `config`, got {type(model).__name__}. "
+                         f"Pass fast=False to time model.generate.")
+    if fast:
+        config = config.replace(compile=False)
+    if not callable(getattr(model, "generate", None)) and not fast:
         raise ValueError(f"`model` must have a `generate` method for generation latency, got {type(model).__name__}."
                          " Use measure_latency for encoders.")
     for name, value, low in (("new_tokens", new_tokens, 2), ("prompt_len", prompt_len, 1), ("batch_size", batch_size, 1)):
@@ -161,9 +172,13 @@ def measure_generation(model: nn.Module, inputs: Any = None, config: LatencyConf
             x = move_to(prompt, dev)
 
             def first() -> Any:
+                if fast:
+                    return fast_generate(run, x["input_ids"], 1, fast_compile, x["attention_mask"])
                 return run.generate(**x, max_new_tokens=1, min_new_tokens=1, **common)
 
             def full() -> Any:
+                if fast:
+                    return fast_generate(run, x["input_ids"], new_tokens, fast_compile, x["attention_mask"])
                 return run.generate(**x, max_new_tokens=new_tokens, min_new_tokens=new_tokens, **common)
 
             with torch.inference_mode():
@@ -192,9 +207,10 @@ def measure_generation(model: nn.Module, inputs: Any = None, config: LatencyConf
         decode_tokens_per_s=batch / tpot_s, total_ms=total.median_ms, prompt_len=plen, new_tokens=new_tokens,
         batch_size=batch, ttft_iqr_ms=ttft.iqr_ms, tpot_iqr_ms=tpot_stats.iqr_ms, total_iqr_ms=total.iqr_ms,
         count=total.count, unstable=ttft.unstable or total.unstable, num_threads=threads, device=str(dev),
-        compiled=config.compile, budget_exhausted=t.budget_exhausted, peak_memory_mb=peak.peak_mb,
+        compiled=config.compile or (fast and fast_compile), fast=fast, budget_exhausted=t.budget_exhausted,
+        peak_memory_mb=peak.peak_mb,
         model_mb=ms.model_mb, kv_cache_mb=kv / 1024**2 if kv is not None else None,
-        mbu=utilisation(ms.model_bytes + (kv or 0), tpot_s, bw),
+        mbu=utilisation(decode_bytes_per_token(model) + (kv or 0), tpot_s, bw),
         mfu=utilisation(2.0 * ms.num_params * batch * plen, ttft.median_ms / 1e3, flops),
         ttft_times_ms=[s * 1e3 for s in t.per_fn_s[0]], total_times_ms=[s * 1e3 for s in t.per_fn_s[1]],
     )
