@@ -14,7 +14,7 @@ from typing import Any
 
 from lightning_latency.latency.breakdown import BreakdownReport, module_breakdown
 from lightning_latency.latency.generation import GenerationReport, measure_generation
-from lightning_latency.latency.hardware import KNOWN_PEAKS, known_peaks
+from lightning_latency.latency.hardware import KNOWN_PEAKS, cpu_features, has_native_bf16, isa_summary, known_peaks
 from lightning_latency.latency.measure import LatencyConfig, LatencyReport, compare_latency, measure_latency
 from lightning_latency.latency.memory import ModelStats, model_stats, tensor_nbytes
 from lightning_latency.latency.stats import TimingStats, summarize
@@ -30,6 +30,9 @@ __all__ = [
     "ModelStats",
     "TimingStats",
     "compare_latency",
+    "cpu_features",
+    "has_native_bf16",
+    "isa_summary",
     "known_peaks",
     "measure_generation",
     "measure_latency",
