@@ -53,7 +53,7 @@ _TORCH_SUFFIX, _ONNX_SUFFIX = ".pt2", ".onnx"
 class DeployedModel(nn.Module):
     """A deployment form of the model: compiled and frozen torch, or an ONNX Runtime session.
 
-    Calls run under ``torch.no_grad`` (inductor freezing needs it) and return the original model's output type.
+    Calls run under ``torch.inference_mode`` (inductor freezing needs no-grad calls) and return the original model's output type.
     Shapes of the torch forms are static: they were exported and compiled for the shapes of ``example_inputs``;
     deploy once per serving shape (e.g. batch 1 and batch 32 at a fixed padded sequence length).
 
@@ -79,9 +79,10 @@ class DeployedModel(nn.Module):
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         from torch._inductor import config as inductor_config
 
-        # The patch is kept on every call so that a recompile (e.g. first call under inference_mode instead of
-        # no_grad) also freezes; without freezing the x86 int8 graph is not faster than fp32.
-        with torch.no_grad(), inductor_config.patch(freezing=True):
+        # Always inference_mode (whatever grad mode the caller is in): one grad mode means one compiled graph, and
+        # the timing loops (measure_latency) run under inference_mode too. The patch is kept on every call so that a
+        # recompile also freezes; without freezing the x86 int8 graph is not faster than fp32.
+        with torch.inference_mode(), inductor_config.patch(freezing=True):
             return self.compiled(*args, **kwargs)
 
     @property
@@ -270,13 +271,27 @@ def _build(backend: Backend, model: nn.Module, args: tuple, kwargs: dict, names:
             form, quantized_names = _Bf16(_float_copy(model)), []
         else:  # pragma: no cover - AUTO is resolved by the caller
             raise ValueError(f"`backend`={backend.value!r} is not a single deployment form.")
-        compiled = torch.compile(form) if compile else form
+        compiled = _compile(form) if compile else form
         deployed = DeployedModel(compiled, form, backend.value, quantized_names, (args, kwargs))
     # Compile now, at the first call, with freezing (constant-folds the int8 weights and prepacks them for oneDNN;
     # it needs no_grad calls, see DeployedModel.forward). In torch 2.13 `torch.compile(options={"freezing": True})`
     # fails on the x86 int8 graph (fake-tensor `onednn.qlinear_prepack`); patching the inductor config works.
     deployed(*args, **kwargs)
     return deployed
+
+
+def _compile(form: nn.Module) -> Any:
+    """``torch.compile`` of a call into ``form`` through a function with its own code object.
+
+    Dynamo caches compiled graphs per code object, with a limit of 8 (torch 2.13 ``recompile_limit``); every
+    candidate of the same model class (fp32, bf16, torchao) would share ``forward``'s entries and, after a few
+    deploys in one process, fall back to eager silently. A fresh code object per deployed form gives each its own.
+    """
+    def call(*args: Any, **kwargs: Any) -> Any:
+        return form(*args, **kwargs)
+
+    call.__code__ = call.__code__.replace()  # a distinct code object (same bytecode): its own dynamo cache
+    return torch.compile(call)
 
 
 def auto_candidates(model: nn.Module, config: QuantizationConfig, cpuinfo: str | None = None) -> list[Backend]:
