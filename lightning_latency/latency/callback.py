@@ -386,7 +386,7 @@ class LatencyMonitor(CallbackBase):
             # masks still in the graph: slower than fp32) stays in the record, labelled.
             eager = measure_latency(module, inputs, self.config)
             fast, info = self._deployed_form(module, inputs, deploy_backend)
-            forward = measure_latency(fast, inputs, self.config)
+            forward = measure_latency(fast, inputs, self.config.replace(compile=False))  # already compiled
             form = {"form": f"deployed {info['backend']}", "deploy": info, "eager": eager.to_dict()}
         else:
             forward = measure_latency(module, inputs, self.config)
