@@ -37,9 +37,12 @@ def machine_line() -> str:
                     break
     except OSError:
         pass
+    from lightning_latency.latency.hardware import isa_summary
+
+    # The CPU class decides which form is fastest (int8 VNNI/AMX, native bf16): every table states it.
     return (
-        f"{cpu}; {os.cpu_count()} cores; torch {torch.__version__}; threads {torch.get_num_threads()}; "
-        f"python {platform.python_version()}"
+        f"{cpu}; {os.cpu_count()} cores; {isa_summary()}; torch {torch.__version__}; "
+        f"threads {torch.get_num_threads()}; python {platform.python_version()}"
     )
 
 
