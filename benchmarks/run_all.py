@@ -19,7 +19,7 @@ from pathlib import Path
 from _common import machine_line, row, setup, table
 
 HERE = Path(__file__).resolve().parent
-ORDER = ["latency", "pruning", "qat", "distillation", "llm"]
+ORDER = ["latency", "pruning", "qat", "deploy", "distillation", "llm"]
 
 
 def discover() -> list[str]:

@@ -164,8 +164,12 @@ def plot(rows: list[dict[str, Any]], path: Path, seq_len: int) -> Any:
             ax.scatter(r[key], r["accuracy"], s=30 + 4 * r["size_mb"], color=f"C{i}", alpha=0.8,
                        label=f"{r['name']} ({r['size_mb']:.0f} MB)")
         ax.set_xscale("log")
+        # Few labelled ticks (1-2-5 per decade) and unlabelled minor ticks: labelling every minor tick on a log axis
+        # ran the numbers together ("6070809100").
+        ax.xaxis.set_major_locator(matplotlib.ticker.LogLocator(base=10, subs=(1.0, 2.0, 5.0), numticks=8))
         ax.xaxis.set_major_formatter(matplotlib.ticker.FormatStrFormatter("%g"))
-        ax.xaxis.set_minor_formatter(matplotlib.ticker.FormatStrFormatter("%g"))
+        ax.xaxis.set_minor_locator(matplotlib.ticker.LogLocator(base=10, subs="auto", numticks=12))
+        ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
         ax.set_xlabel(f"p50 latency, ms ({title}, seq {seq_len}; log scale)")
         ax.set_ylabel("held-out accuracy")
         ax.grid(True, alpha=0.3)
@@ -227,10 +231,15 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     bar = tqdm(total=8, desc="evaluate, deploy, measure", leave=False)
     calib = [_inputs(train, 32 * i, 32) for i in range(2)]  # the same 64 training snippets calibrate both shapes
     compile_ = not args.no_compile
-    final_b32 = deploy(module.student, calib[0], qat.config, calibration=calib[1:], compile=compile_)
+    # backend="auto": every deployment form (PT2E int8 static/dynamic, torchao int8, fp32 compiled, bf16 where the
+    # CPU has it natively, ONNX Runtime fp32/int8) checked against the QAT model and timed side by side; the
+    # fastest agreeing form ships. Which one wins depends on the CPU class and the batch size.
+    final_b32 = deploy(module.student, calib[0], qat.config, calibration=calib[1:], compile=compile_,
+                       backend="auto", rounds=args.rounds)
     bar.update()
     final_b1 = deploy(module.student, _inputs(train, 0, 1), qat.config,
-                      calibration=[_inputs(train, i, 1) for i in range(1, 64)], compile=compile_)
+                      calibration=[_inputs(train, i, 1) for i in range(1, 64)], compile=compile_, backend="auto",
+                      rounds=args.rounds)
     bar.update()
     teacher_bf16 = tasks.frozen_copy(teacher).to(torch.bfloat16)
     models: dict[str, nn.Module] = {
@@ -247,7 +256,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
                          accuracy=tasks.accuracy(m, test, batch_size=64)))
     bar.update()
     int8_stats = model_stats(module.student)  # the deployed graph holds the same int8 weights (+ fp32 embeddings)
-    rows.append(dict(name=f"final: deployed int8 (PT2E, {'eager' if args.no_compile else 'compiled'})", params_m=int8_stats.num_params / 1e6,
+    forms = f"b1 {final_b1.backend}, b32 {final_b32.backend}" + (", eager" if args.no_compile else "")
+    rows.append(dict(name=f"final: deployed ({forms})", params_m=int8_stats.num_params / 1e6,
                      size_mb=int8_stats.model_mb, accuracy=static_accuracy(final_b32, test, 32)))
     bar.update()
     cfg = LatencyConfig(warmup=3, min_runs=10, min_time_s=0.1, max_time_s=1.0 if not args.quick else 0.3,
@@ -275,8 +285,12 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         logger.log_metrics({f"result/{key}/accuracy": r["accuracy"], f"result/{key}/p50_b1_ms": r["p50_b1_ms"],
                             f"result/{key}/p50_b32_ms": r["p50_b32_ms"]}, step=trainer.global_step)
     logger.save()
+    # The deployment artifact: the batch-1 serving form, loadable without lightning_latency or the training code.
+    artifact = final_b1.save(log_dir / "model_b1")
+    load_lines = final_b1.load_lines(artifact)
     wall = time.perf_counter() - wall0
-    results = dict(args=vars(args), stages=s, threads=threads, seq_len=args.seq_len, fit_s=fit_s, wall_s=wall,
+    results = dict(deploy={"b1": final_b1.report.to_dict(), "b32": final_b32.report.to_dict()},
+                   artifact=str(artifact), load_lines=load_lines, args=vars(args), stages=s, threads=threads, seq_len=args.seq_len, fit_s=fit_s, wall_s=wall,
                    latency_monitor=monitor.records and {r["phase"]: r["forward"]["median_ms"] for r in monitor.records},
                    rows=rows, table_markdown=md, log_dir=str(log_dir), chart=str(png))
     (log_dir / "results.json").write_text(json.dumps(results, indent=2, default=str))
@@ -286,7 +300,11 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
           f"{s['prune_start']}-{s['prune_end']} (structured, {args.sparsity:.0%} heads+neurons), QAT "
           f"{s['qat_start']}-{args.steps}.\n")
     print(text)
+    for batch, final in ((1, final_b1), (32, final_b32)):
+        print(f"\nDeployment form at batch {batch}: {final.backend} — {final.report.why}\n{final.report.format()}")
     print("\nMarkdown:\n" + md)
+    print(f"\nDeployment artifact (batch 1, seq {args.seq_len}): {artifact}. Load and call it (no lightning_latency):")
+    print("\n".join("    " + line for line in load_lines))
     print(f"\nfit {fit_s:.0f} s, total {wall:.0f} s. Results: {log_dir / 'results.json'}; chart: {png}; "
           f"TensorBoard: tensorboard --logdir {args.out_dir}")
     return results

@@ -54,6 +54,8 @@ _EXPORTS: dict[str, str] = {
     "convert_qat": "lightning_latency.quantization",
     "deploy": "lightning_latency.quantization",
     "DeployedModel": "lightning_latency.quantization",
+    "DeployReport": "lightning_latency.quantization",
+    "load_deployed": "lightning_latency.quantization",
     "Scheme": "lightning_latency.quantization",
     "Backend": "lightning_latency.quantization",
     "freeze_ranges": "lightning_latency.quantization",

@@ -33,15 +33,20 @@ class CpuFeatures:
         return f"{self.capability} ({', '.join(have)})" if have else f"{self.capability} (no avx512/vnni/amx/bf16)"
 
 
+def parse_flags(cpuinfo: str) -> set[str]:
+    """The ISA flags of the first processor in the text of ``/proc/cpuinfo``."""
+    for line in cpuinfo.splitlines():
+        if line.startswith("flags"):
+            return set(line.split(":", 1)[1].split())
+    return set()
+
+
 def _proc_flags() -> set[str]:
     try:
         with open("/proc/cpuinfo", encoding="utf-8") as fh:
-            for line in fh:
-                if line.startswith("flags"):
-                    return set(line.split(":", 1)[1].split())
+            return parse_flags(fh.read())
     except OSError:
-        pass
-    return set()
+        return set()
 
 
 @functools.cache
@@ -59,4 +64,4 @@ def cpu_features() -> CpuFeatures:
     return CpuFeatures(capability=capability, avx512=aten_avx512, vnni=vnni, bf16=bf16, amx=amx and aten_avx512)
 
 
-__all__ = ["CpuFeatures", "cpu_features"]
+__all__ = ["CpuFeatures", "cpu_features", "parse_flags"]

@@ -34,8 +34,12 @@ def test_compress_classifier_quick_runs_every_stage_and_writes_table_json_chart(
     results = _example("compress_classifier").main(["--quick", "--no-compile", "--out-dir", str(tmp_path)])
     out = capsys.readouterr().out
     names = [r["name"] for r in results["rows"]]
-    assert names[0] == "teacher fp32" and names[-1].startswith("final: deployed int8")
-    assert "final: deployed int8" in out and "| model |" in out  # text table and markdown printed
+    assert names[0] == "teacher fp32" and names[-1].startswith("final: deployed (b1 ")
+    assert "final: deployed (" in out and "| model |" in out  # text table and markdown printed
+    assert "Deployment form at batch 1:" in out and "chose " in out  # which form and why
+    artifact = Path(results["artifact"])
+    assert artifact.exists() and artifact.parent == Path(results["log_dir"])
+    assert all(line in out for line in results["load_lines"]) and len(results["load_lines"]) == 2
     rows = {r["name"]: r for r in results["rows"]}
     distilled, pruned = rows["student distilled"], rows["student +pruned"]
     qat, final = rows["student +QAT (torchao int8, eager)"], results["rows"][-1]

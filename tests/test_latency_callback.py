@@ -197,3 +197,38 @@ def test_ddp_only_rank_zero_measures_and_ranks_stay_in_step(tmp_path: Path) -> N
     r0, r1 = torch.load(tmp_path / "rank0.pt"), torch.load(tmp_path / "rank1.pt")
     assert r0["phases"] == ["baseline", "final"] and r1["phases"] == []
     assert r0["baseline_done"] and r1["baseline_done"] and r0["step"] == r1["step"] == 3
+
+
+def test_final_measurement_times_the_deployed_form_after_qat(tmp_path: Path) -> None:
+    pytest.importorskip("onnxruntime")
+    from lightning_latency.quantization.callback import QuantizationAwareTraining
+
+    # QAT listed first: at fit end it converts to torchao int8 before the monitor measures; the monitor deploys a
+    # copy from the converted weights anyway. ort_int8 keeps the test fast (no inductor compile).
+    qat = QuantizationAwareTraining(scheme="int8_dynamic", start_step=0, log_every_n_steps=0)
+    mon = _monitor(model_attr="model", deploy_final="ort_int8")
+    trainer = Trainer(callbacks=[qat, mon], **trainer_kwargs(tmp_path, max_steps=3, limit_val_batches=1))
+    module = HFModule(kind="bert")
+    trainer.fit(module)
+    final = mon.records[-1]
+    assert [r["phase"] for r in mon.records] == ["baseline", "final"]
+    assert final["form"] == "deployed ort_int8" and final["deploy"]["backend"] == "ort_int8"
+    assert final["eager"]["median_ms"] > 0 and final["forward"]["batch_size"] == mon.records[0]["forward"]["batch_size"]
+    assert final["forward"]["seq_len"] == mon.records[0]["forward"]["seq_len"]  # same shapes as the baseline
+    metrics = mon.metrics(final)
+    assert metrics["latency/eager_p50_ms"] == pytest.approx(final["eager"]["median_ms"])
+    report = json.loads((Path(trainer.log_dir) / "latency_report.json").read_text())
+    assert report["records"][-1]["form"] == "deployed ort_int8"
+    # without an explicit choice the monitor deploys with the QAT config's backend; no QAT, no pruning: eager
+    mon.deploy_final = None
+    assert mon._deploy_backend(trainer, module) == "x86"
+    plain = _monitor(model_attr="model")
+    plain_trainer = Trainer(callbacks=[plain], **trainer_kwargs(tmp_path / "plain", max_steps=1, limit_val_batches=1))
+    plain_trainer.fit(HFModule(kind="bert"))
+    assert plain.records[-1]["form"] == "eager" and "eager" not in plain.records[-1]
+
+
+@pytest.mark.parametrize("value", [3, "tpu"])
+def test_deploy_final_misconfiguration(value: Any) -> None:
+    with pytest.raises(ValueError, match="`deploy_final`"):
+        LatencyMonitor(deploy_final=value)

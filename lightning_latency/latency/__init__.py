@@ -21,7 +21,7 @@ from lightning_latency.latency.fast_generation import (
     measure_bandwidth,
 )
 from lightning_latency.latency.generation import GenerationReport, measure_generation
-from lightning_latency.latency.hardware import KNOWN_PEAKS, known_peaks
+from lightning_latency.latency.hardware import KNOWN_PEAKS, has_native_bf16, isa_flags, isa_summary, known_peaks
 from lightning_latency.latency.measure import LatencyConfig, LatencyReport, compare_latency, measure_latency
 from lightning_latency.latency.memory import ModelStats, model_stats, tensor_nbytes
 from lightning_latency.latency.stats import TimingStats, summarize
@@ -40,6 +40,9 @@ __all__ = [
     "compare_latency",
     "decode_bytes_per_token",
     "fast_generate",
+    "isa_flags",
+    "has_native_bf16",
+    "isa_summary",
     "known_peaks",
     "measure_bandwidth",
     "measure_generation",

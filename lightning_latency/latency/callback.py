@@ -97,6 +97,13 @@ class LatencyMonitor(CallbackBase):
         report_file: JSON file name in the log dir; None writes no file.
         warmup, min_runs, max_time_s, threads, device, compile: shortcuts overriding the same fields of ``config``
             (handy in YAML recipes).
+        deploy_final: what the final measurement times once QAT or pruning ran: None (default) the deployment form
+            :func:`~lightning_latency.quantization.deploy` builds by default (the QAT config's backend, e.g. PT2E
+            x86 int8 compiled; the float model compiled for pruning alone), ``"auto"`` the form deploy chooses by
+            measurement, a backend name to force one, or False for the model as it is (eager). The deployed form is
+            built on a copy, timed on the baseline's inputs with the same settings, and recorded as phase
+            ``"final"`` with its ``form`` (``"deployed x86"``); the eager figure stays in the record as ``eager``
+            (logged as ``latency/eager_p50_ms``, shown as an ``(eager)`` row).
         data_parallel: under a multi-process strategy, after each single-device measurement every rank also
             times its own replica at the same moment; the per-rank samples/s are gathered and rank 0 logs their
             sum as ``latency/dp_samples_per_s`` (with ``latency/dp_world_size`` and the slowest rank's
@@ -128,6 +135,7 @@ class LatencyMonitor(CallbackBase):
         device: str | None = None,
         compile: bool | None = None,
         data_parallel: bool = False,
+        deploy_final: bool | str | None = None,
     ) -> None:
         if config is not None and not isinstance(config, LatencyConfig):
             raise ValueError(f"`config` must be a LatencyConfig or None, got {type(config).__name__}. "
@@ -149,6 +157,17 @@ class LatencyMonitor(CallbackBase):
         if report_file is not None and (not isinstance(report_file, str) or not report_file or "/" in report_file):
             raise ValueError(f"`report_file` must be a plain file name or None, got {report_file!r}. "
                              "E.g. report_file='latency_report.json'.")
+        if deploy_final is True:
+            deploy_final = None
+        if deploy_final is not None and deploy_final is not False and not isinstance(deploy_final, str):
+            raise ValueError(f"`deploy_final` must be None (the default deployment form), 'auto', a backend name or "
+                             f"False, got {deploy_final!r}. E.g. deploy_final='auto'.")
+        if isinstance(deploy_final, str):
+            from lightning_latency.quantization.config import Backend, parse_enum
+
+            deploy_final = parse_enum(Backend, deploy_final, "deploy_final").value
+        self.deploy_final = deploy_final
+        self._deploy_config: Any = None
         overrides = {k: v for k, v in dict(warmup=warmup, min_runs=min_runs, max_time_s=max_time_s, threads=threads,
                                            device=device, compile=compile).items() if v is not None}
         base = config or DEFAULT_MONITOR_CONFIG
@@ -221,7 +240,8 @@ class LatencyMonitor(CallbackBase):
     @override
     def on_fit_end(self, trainer: Any, pl_module: Any) -> None:
         if self.measure_final:
-            self._measure_phase(trainer, pl_module, "final", batch=None)
+            self._measure_phase(trainer, pl_module, "final", batch=None,
+                                deploy_backend=self._deploy_backend(trainer, pl_module))
         folder = Path(trainer.log_dir or trainer.default_root_dir)  # on every rank: log_dir broadcasts
         if trainer.is_global_zero:
             self._finish(trainer, folder)
@@ -265,14 +285,53 @@ class LatencyMonitor(CallbackBase):
         self._resolved = _detach_cpu(raw)
         return self._resolved
 
-    def _measure_phase(self, trainer: Any, pl_module: Any, phase: str, batch: Any) -> None:
+    def _deploy_backend(self, trainer: Any, pl_module: Any) -> str | None:
+        """The backend the final measurement deploys to, or None to time the model as it is."""
+        if self.deploy_final is False or is_fsdp(trainer):
+            return None
+        from lightning_latency.pruning.callback import MagnitudePruning
+        from lightning_latency.quantization.callback import QuantizationAwareTraining
+        from lightning_latency.quantization.qat import is_converted, is_prepared
+
+        module = self._target(pl_module)
+        quantized = is_prepared(module) or is_converted(module)
+        pruned = any(isinstance(cb, MagnitudePruning) for cb in trainer.callbacks)
+        if not (quantized or pruned):
+            return None
+        qat = next((cb for cb in trainer.callbacks if isinstance(cb, QuantizationAwareTraining)), None)
+        self._deploy_config = qat.config if qat is not None else None  # the targets and scheme QAT trained
+        if self.deploy_final is not None:
+            return str(self.deploy_final)
+        if not quantized:
+            return "fp32"
+        return qat.config.backend.value if qat is not None else "x86"
+
+    def _deployed_form(self, module: nn.Module, inputs: Any, backend: str) -> tuple[Any, dict[str, Any]]:
+        """A deployment form of a copy of ``module`` for the baseline's input shapes, and what it is."""
+        from lightning_latency.latency.deploy import _deepcopy_detached
+        from lightning_latency.quantization import deploy
+        from lightning_latency.quantization.qat import is_converted, unconvert_qat
+
+        work = _deepcopy_detached(module)
+        if is_converted(work) and backend != "torchao":  # back to the float weights (on the int8 grid) to re-deploy
+            unconvert_qat(work)
+        fast = deploy(work, inputs, self._deploy_config, backend=backend)
+        info: dict[str, Any] = {"backend": fast.backend, "requested": backend}
+        if fast.report is not None:
+            info["report"] = fast.report.to_dict()
+            info["why"] = fast.report.why
+            rank_zero_info(f"LatencyMonitor: deployed form for the final measurement\n{fast.report.format()}")
+        return fast, info
+
+    def _measure_phase(self, trainer: Any, pl_module: Any, phase: str, batch: Any,
+                       deploy_backend: str | None = None) -> None:
         if phase == "baseline":
             self.baseline_done = True  # on every rank, before the barrier: decisions stay identical across ranks
         record = None
         if trainer.is_global_zero:
             start = time.perf_counter()
             try:
-                record = self._measure(trainer, pl_module, phase, batch)
+                record = self._measure(trainer, pl_module, phase, batch, deploy_backend)
             except MisconfigurationException:
                 raise
             except Exception as err:  # a monitor must not kill a fit: report and carry on
@@ -317,12 +376,22 @@ class LatencyMonitor(CallbackBase):
                 "median_ms": [float(v) for v in gathered[:, 1]],
                 "sum_samples_per_s": float(gathered[:, 0].sum()), "max_median_ms": float(gathered[:, 1].max())}
 
-    def _measure(self, trainer: Any, pl_module: Any, phase: str, batch: Any) -> dict[str, Any]:
+    def _measure(self, trainer: Any, pl_module: Any, phase: str, batch: Any,
+                 deploy_backend: str | None = None) -> dict[str, Any]:
         module = self._target(pl_module)
         inputs = self._resolve_inputs(trainer, batch)
-        forward = measure_latency(module, inputs, self.config)
+        form: dict[str, Any] = {"form": "eager"}
+        if deploy_backend is not None:
+            # The number a user sees at fit end is the form that ships; the eager figure (fake quantization or
+            # masks still in the graph: slower than fp32) stays in the record, labelled.
+            eager = measure_latency(module, inputs, self.config)
+            fast, info = self._deployed_form(module, inputs, deploy_backend)
+            forward = measure_latency(fast, inputs, self.config.replace(compile=False))  # already compiled
+            form = {"form": f"deployed {info['backend']}", "deploy": info, "eager": eager.to_dict()}
+        else:
+            forward = measure_latency(module, inputs, self.config)
         record: dict[str, Any] = {"phase": phase, "step": int(trainer.global_step), "epoch": int(trainer.current_epoch),
-                                  "forward": forward.to_dict(), "generation": None}
+                                  "forward": forward.to_dict(), "generation": None, **form}
         want_gen = self.generation if self.generation is not None else callable(getattr(module, "generate", None))
         if want_gen:
             ids = token_ids_of(inputs)
@@ -348,6 +417,11 @@ class LatencyMonitor(CallbackBase):
         base = self.baseline
         if base is not None and fwd["median_ms"] > 0:
             out["latency/speedup"] = base["forward"]["median_ms"] / fwd["median_ms"]
+        eager = record.get("eager")
+        if eager:
+            out["latency/eager_p50_ms"] = float(eager["median_ms"])
+            if base is not None and eager["median_ms"] > 0:
+                out["latency/eager_speedup"] = base["forward"]["median_ms"] / eager["median_ms"]
         if gen:
             for key, attr in _GEN_KEYS.items():
                 if gen.get(attr) is not None:
@@ -387,14 +461,19 @@ def summary_table(records: list[dict[str, Any]]) -> str:
     """A small text table of the records (baseline first), with speed-ups against the baseline."""
     base = records[0]
     lines = [f"{'phase':<14}{'step':>6}{'p50 ms':>10}{'p90 ms':>10}{'IQR%':>7}{'samples/s':>11}{'MB':>8}"
-             f"{'speedup':>9}{'TPOT ms':>9}"]
+             f"{'speedup':>9}{'TPOT ms':>9}  form"]
     for r in records:
         f, g = r["forward"], r.get("generation")
         iqr = 100 * f["iqr_ms"] / f["median_ms"] if f["median_ms"] else 0.0
         tpot = f"{g['tpot_ms']:>9.2f}" if g else f"{'-':>9}"
         lines.append(f"{r['phase']:<14}{r['step']:>6}{f['median_ms']:>10.3f}{f['p90_ms']:>10.3f}{iqr:>6.1f}"
                      f"{'!' if f['unstable'] else ' '}{f['samples_per_s']:>11.1f}{(f.get('model_mb') or 0):>8.1f}"
-                     f"{base['forward']['median_ms'] / f['median_ms']:>8.2f}x{tpot}")
+                     f"{base['forward']['median_ms'] / f['median_ms']:>8.2f}x{tpot}  {r.get('form', 'eager')}")
+        e = r.get("eager")
+        if e:
+            lines.append(f"{'  (eager)':<14}{r['step']:>6}{e['median_ms']:>10.3f}{e['p90_ms']:>10.3f}{'':>7}"
+                         f"{e['samples_per_s']:>11.1f}{'':>8}{base['forward']['median_ms'] / e['median_ms']:>8.2f}x"
+                         f"{'-':>9}  eager, as trained (not what ships)")
     b = base["forward"]
     head = (f"LatencyMonitor: batch {b['batch_size']}, seq {b.get('seq_len')}, {b['num_threads']} threads on "
             f"{b['device']} ('!' = unstable, IQR/median > threshold)")

@@ -44,4 +44,44 @@ def utilisation(amount: float, seconds: float, peak: float | None) -> float | No
     return amount / seconds / peak
 
 
-__all__ = ["KNOWN_PEAKS", "known_peaks", "utilisation"]
+
+
+
+# /proc/cpuinfo flags that decide which CPU kernels are fast: int8 dot products (VNNI), matrix tiles (AMX) and
+# native bf16 arithmetic. Without native bf16, bf16 autocast emulates it and runs ×4–7 slower than fp32.
+_ISA_FLAGS = ("avx2", "avx512f", "avx512_vnni", "avx_vnni", "avx512_bf16", "amx_tile", "amx_int8", "amx_bf16")
+
+
+def isa_flags(cpuinfo: str | None = None) -> dict[str, object]:
+    """The CPU's kernel-relevant ISA: ``{"capability": "AVX2" | "AVX512" | ..., "<flag>": bool, ...}``.
+
+    Args:
+        cpuinfo: text of ``/proc/cpuinfo`` (read from the machine when None; tests pass a fixture). Non-Linux
+            machines, or an unreadable file, give every flag False.
+
+    ``capability`` is ``torch.backends.cpu.get_cpu_capability()``: the ISA torch's own kernels were dispatched to.
+    ``vnni`` / ``bf16`` / ``amx`` summarise the flags (either the AVX-512 or the AVX form counts).
+    """
+    from lightning_latency.cpu import _proc_flags, parse_flags  # the one /proc/cpuinfo parser
+
+    flags = _proc_flags() if cpuinfo is None else parse_flags(cpuinfo)
+    out: dict[str, object] = {"capability": torch.backends.cpu.get_cpu_capability()}
+    out.update({flag: flag in flags for flag in _ISA_FLAGS})
+    out["vnni"] = bool(out["avx512_vnni"] or out["avx_vnni"])
+    out["bf16"] = bool(out["avx512_bf16"] or out["amx_bf16"])
+    out["amx"] = bool(out["amx_int8"] or out["amx_bf16"])
+    return out
+
+
+def has_native_bf16(cpuinfo: str | None = None) -> bool:
+    """True when the CPU computes bf16 natively (AVX512-BF16 or AMX-BF16), i.e. when bf16 can beat fp32."""
+    return bool(isa_flags(cpuinfo)["bf16"])
+
+
+def isa_summary(features: dict[str, object] | None = None) -> str:
+    """One line for benchmark headers, e.g. ``"capability AVX512; avx512 yes, vnni yes, amx yes, bf16 yes"``."""
+    f = features or isa_flags()
+    yes = {True: "yes", False: "no"}
+    return (f"capability {f['capability']}; avx512 {yes[bool(f['avx512f'])]}, vnni {yes[bool(f['vnni'])]}, "
+            f"amx {yes[bool(f['amx'])]}, bf16 {yes[bool(f['bf16'])]}")
+__all__ = ["KNOWN_PEAKS", "isa_flags", "has_native_bf16", "isa_summary", "known_peaks", "utilisation"]

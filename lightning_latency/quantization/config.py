@@ -43,10 +43,27 @@ class Backend(str, Enum):
       inductor freezing. CPU only; int8 schemes only. The fast CPU path.
     * ``torchao``: torchao quantized tensors (``QATConfig(step="convert")``) under ``torch.compile`` with freezing.
       Any scheme, CPU or CUDA.
+    * ``x86_dynamic``: as ``x86`` with dynamic (per-call) int8 activation ranges.
+    * ``fp32``: the float model (fake quantization stripped) compiled with inductor freezing.
+    * ``bf16``: the float model cast to bf16, compiled with freezing; fast only on CPUs with native bf16.
+    * ``ort``: ONNX Runtime, fp32 (``pip install lightning-latency[onnx]``).
+    * ``ort_int8``: ONNX Runtime after its ``quantize_dynamic`` (int8 weights, dynamic int8 activations).
+    * ``auto``: build the candidates, time them side by side on the example shapes, ship the fastest whose outputs
+      agree with the reference (see :func:`~lightning_latency.quantization.deploy`).
     """
 
     X86 = "x86"
     TORCHAO = "torchao"
+    X86_DYNAMIC = "x86_dynamic"
+    FP32 = "fp32"
+    BF16 = "bf16"
+    ORT = "ort"
+    ORT_INT8 = "ort_int8"
+    AUTO = "auto"
+
+    @property
+    def needs_int8_scheme(self) -> bool:
+        return self in (Backend.X86, Backend.X86_DYNAMIC)
 
 
 # Names are matched with fnmatch against both the module's fully qualified name and its class name.
@@ -134,9 +151,9 @@ class QuantizationConfig:
                     f"`{name}` must be a list of fnmatch patterns (strings), got {value!r}. "
                     f"Pass e.g. {name}=['*classifier*']."
                 )
-        if self.backend is Backend.X86 and self.scheme.uses_groups:
+        if self.backend.needs_int8_scheme and self.scheme.uses_groups:
             raise ValueError(
-                f"`backend`='x86' runs int8 per-channel weights only, but `scheme`={self.scheme.value!r} trains an "
+                f"`backend`={self.backend.value!r} runs int8 per-channel weights only, but `scheme`={self.scheme.value!r} trains an "
                 f"int4 per-group grid. Pass backend='torchao' for int4 schemes, or scheme='int8_dynamic' for the x86 "
                 f"path."
             )
