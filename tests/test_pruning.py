@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import pytest
 import torch
 import torch_pruning as tp
@@ -72,7 +74,7 @@ def test_prune_step_rejects_bad_sparsity_and_unsupported_models() -> None:
     with pytest.raises(ValueError, match=r"`sparsity` must be in \[0, 1\), got 1.5"):
         prune_step(tiny_bert(), PruningConfig(), 1.5)
     mlp = nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 2))
-    with pytest.raises(ValueError, match=r"mode='structured' found no attention heads or MLP blocks .* Sequential"):
+    with pytest.raises(ValueError, match=r"mode='structured' does not support Sequential.*found no attention heads or MLP blocks"):
         prune_step(mlp, PruningConfig(mode="structured"), 0.5)
     with pytest.raises(ValueError, match=r"`targets`=\['nothing_here'\] .* matches no module"):
         prune_step(tiny_bert(), PruningConfig(targets=["nothing_here"]), 0.5)
@@ -295,3 +297,45 @@ def test_real_smollm2_gqa_structured_prune_generates_and_round_trips(tmp_path) -
     loaded = load_pruned(tmp_path / "student")
     with torch.no_grad():
         torch.testing.assert_close(loaded(**enc).logits, model(**enc).logits, rtol=0, atol=0)
+
+
+def _olmo2() -> torch.nn.Module:
+    import transformers
+
+    return transformers.Olmo2ForCausalLM(transformers.Olmo2Config(
+        vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, bos_token_id=0, eos_token_id=1, pad_token_id=2))
+
+
+def _deberta_v2() -> torch.nn.Module:
+    import transformers
+
+    return transformers.DebertaV2ForSequenceClassification(transformers.DebertaV2Config(
+        vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4))
+
+
+def _vit() -> torch.nn.Module:
+    import transformers
+
+    return transformers.ViTForImageClassification(transformers.ViTConfig(
+        image_size=16, patch_size=8, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4))
+
+
+@pytest.mark.parametrize(("build", "match"), [
+    (_olmo2, r"Olmo2ForCausalLM \(model_type='olmo2'\).*q_norm\.weight.*k_norm\.weight"),
+    (_deberta_v2, r"model_type='deberta-v2'.*0 attention blocks.*DebertaV2Attention"),
+    (_vit, r"model_type='vit'.*0 MLP blocks.*ViTMLP"),
+])
+def test_structured_refuses_unsupported_architectures_before_changing_weights(build: Any, match: str) -> None:
+    from lightning_latency.pruning.config import PruningConfig
+    from lightning_latency.pruning.structured import prune_structured
+
+    torch.manual_seed(0)
+    model = build()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(ValueError, match=match):
+        prune_structured(model, PruningConfig(mode="structured"), 0.5)
+    after = model.state_dict()
+    assert set(after) == set(before)
+    for key, value in before.items():
+        assert torch.equal(after[key], value), key  # nothing shrunk, nothing converted
