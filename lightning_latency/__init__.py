@@ -37,6 +37,7 @@ _EXPORTS: dict[str, str] = {
     "prune_step": "lightning_latency.pruning",
     "save_pruned": "lightning_latency.pruning",
     "load_pruned": "lightning_latency.pruning",
+    "register_loadable": "lightning_latency.pruning",
     "PruningMode": "lightning_latency.pruning",
     "PruningSchedule": "lightning_latency.pruning",
     "PruningResult": "lightning_latency.pruning",
