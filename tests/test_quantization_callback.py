@@ -285,8 +285,33 @@ def test_callback_misconfiguration(kwargs: dict[str, Any], match: str) -> None:
 
 
 def test_nothing_matched_fails_at_fit_start_with_the_fix(tmp_path: Path) -> None:
-    with pytest.raises(ValueError, match=r"Nothing to quantize.*Fix the patterns"):
+    from lightning_latency._compat import MisconfigurationException
+
+    with pytest.raises(MisconfigurationException, match=r"Nothing to quantize.*Fix the patterns"):
         _fit(tmp_path, QATModule(), [QuantizationAwareTraining(targets=["*conv*"])])
+
+
+class _StepCounter(CallbackBase):
+    def __init__(self) -> None:
+        self.steps = 0
+
+    def on_train_batch_start(self, trainer: Any, pl_module: Any, batch: Any, batch_idx: int) -> None:
+        self.steps += 1
+
+
+@pytest.mark.parametrize(("kwargs", "match"), [
+    (dict(targets=["*conv*"], start_step=1000), r"QuantizationAwareTraining: Nothing to quantize.*\*conv\*"),
+    (dict(scheme="int8_int4", group_size=48, start_step=1000), r"QuantizationAwareTraining: .*group_size.*48"),
+])
+def test_qat_problems_are_found_in_setup_not_at_start_step(tmp_path: Path, kwargs: dict[str, Any], match: str) -> None:
+    from lightning_latency._compat import MisconfigurationException
+
+    module, counter = QATModule(), _StepCounter()
+    before = {k: v.clone() for k, v in module.state_dict().items()}
+    with pytest.raises(MisconfigurationException, match=match):
+        _fit(tmp_path, module, [QuantizationAwareTraining(**kwargs), counter], max_steps=2)
+    assert counter.steps == 0 and not is_prepared(module)
+    assert all(torch.equal(v, before[k]) for k, v in module.state_dict().items())
 
 
 @pytest.mark.ddp

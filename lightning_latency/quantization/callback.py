@@ -35,6 +35,7 @@ from lightning_latency.quantization.qat import (
     unconvert_qat,
     weight_error,
 )
+from lightning_latency.quantization.targets import check_group_size, select_modules
 from lightning_latency.strategies import fsdp_problem, is_fsdp
 
 _PHASES = ("float", "prepared", "frozen", "converted")
@@ -283,6 +284,12 @@ class QuantizationAwareTraining(CallbackBase):
             )
             self.converted = False
             self._restored_phase = "prepared"
+        if stage == "fit" and not is_converted(model) and not is_prepared(model):
+            # Found now, not at `start_step` (possibly hours later): targets that match nothing, a bad group size.
+            try:
+                check_group_size(select_modules(model, self.config), self.config)
+            except ValueError as err:
+                raise MisconfigurationException(f"QuantizationAwareTraining: {err}") from err
         if stage == "fit":
             # Before the optimizer is built and before DDP wraps the model (both happen after `setup`).
             self._sync_phase(trainer, model)
