@@ -39,6 +39,7 @@ _EXPORTS: dict[str, str] = {
     "plan_budget": "lightning_latency.pruning",
     "save_pruned": "lightning_latency.pruning",
     "load_pruned": "lightning_latency.pruning",
+    "register_loadable": "lightning_latency.pruning",
     "PruningMode": "lightning_latency.pruning",
     "PruningSchedule": "lightning_latency.pruning",
     "PruningResult": "lightning_latency.pruning",

@@ -23,7 +23,8 @@ def check_model_attr(model_attr: Any) -> str | None:
     Raises:
         ValueError: not None and not a non-empty attribute name.
     """
-    if model_attr is not None and (not isinstance(model_attr, str) or not model_attr.strip()):
+    if model_attr is not None and (not isinstance(model_attr, str)
+                                   or not all(part.isidentifier() for part in model_attr.split("."))):
         raise ValueError(f"`model_attr` must be None or an attribute name such as 'model' or 'student', "
                          f"got {model_attr!r}. Pass None to act on `compression_target` (if defined) or the "
                          f"LightningModule itself.")

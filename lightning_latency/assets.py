@@ -40,6 +40,13 @@ def _package_dir(package: str) -> Path:
 def _offline() -> None:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+    # huggingface_hub reads HF_HUB_OFFLINE once, when it is imported (transformers imports it early), so the
+    # variable alone is too late then; every load below also passes local_files_only=True.
+    import sys
+
+    constants = sys.modules.get("huggingface_hub.constants")
+    if constants is not None:
+        constants.HF_HUB_OFFLINE = True
 
 
 def cache_dir() -> Path:
@@ -70,14 +77,14 @@ def load_minilm(num_labels: int | None = None) -> tuple[Any, Any]:
     from transformers.utils import logging as hf_logging
 
     path = minilm_path()
-    tokenizer = AutoTokenizer.from_pretrained(path)
+    tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
     verbosity = hf_logging.get_verbosity()
     hf_logging.set_verbosity_error()  # the "newly initialized classifier" notice is expected here
     try:
         if num_labels is None:
-            model = AutoModel.from_pretrained(path)
+            model = AutoModel.from_pretrained(path, local_files_only=True)
         else:
-            model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=num_labels)
+            model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=num_labels, local_files_only=True)
     finally:
         hf_logging.set_verbosity(verbosity)
     return model, tokenizer
@@ -105,8 +112,9 @@ def load_smollm2(dtype: Any = None) -> tuple[Any, Any]:
     cached = cache_dir() / "smollm2-135m-instruct-fp32"
     if not (cached / "config.json").exists():
         gguf = smollm2_gguf()
-        model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
-        tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+        model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32,
+                                                     local_files_only=True)
+        tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name, local_files_only=True)
         # save_pretrained refuses a GGUF-loaded model (transformers 5.x): rebuild a plain model from the config.
         config_dict = model.config.to_dict()
         config_dict.pop("quantization_config", None)
@@ -116,8 +124,8 @@ def load_smollm2(dtype: Any = None) -> tuple[Any, Any]:
         plain.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
         tmp.rename(cached)  # atomic: a crash mid-save never leaves a half-written cache behind
-    model = AutoModelForCausalLM.from_pretrained(cached, dtype=dtype or torch.float32)
-    tokenizer = AutoTokenizer.from_pretrained(cached)
+    model = AutoModelForCausalLM.from_pretrained(cached, dtype=dtype or torch.float32, local_files_only=True)
+    tokenizer = AutoTokenizer.from_pretrained(cached, local_files_only=True)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     return model.eval(), tokenizer

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import pytest
 import torch
 import torch_pruning as tp
@@ -72,7 +74,7 @@ def test_prune_step_rejects_bad_sparsity_and_unsupported_models() -> None:
     with pytest.raises(ValueError, match=r"`sparsity` must be in \[0, 1\), got 1.5"):
         prune_step(tiny_bert(), PruningConfig(), 1.5)
     mlp = nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 2))
-    with pytest.raises(ValueError, match=r"mode='structured' found no attention heads or MLP blocks .* Sequential"):
+    with pytest.raises(ValueError, match=r"mode='structured' does not support Sequential.*found no attention heads or MLP blocks"):
         prune_step(mlp, PruningConfig(mode="structured"), 0.5)
     with pytest.raises(ValueError, match=r"`targets`=\['nothing_here'\] .* matches no module"):
         prune_step(tiny_bert(), PruningConfig(targets=["nothing_here"]), 0.5)
@@ -295,3 +297,121 @@ def test_real_smollm2_gqa_structured_prune_generates_and_round_trips(tmp_path) -
     loaded = load_pruned(tmp_path / "student")
     with torch.no_grad():
         torch.testing.assert_close(loaded(**enc).logits, model(**enc).logits, rtol=0, atol=0)
+
+
+def _olmo2() -> torch.nn.Module:
+    import transformers
+
+    return transformers.Olmo2ForCausalLM(transformers.Olmo2Config(
+        vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, bos_token_id=0, eos_token_id=1, pad_token_id=2))
+
+
+def _deberta_v2() -> torch.nn.Module:
+    import transformers
+
+    return transformers.DebertaV2ForSequenceClassification(transformers.DebertaV2Config(
+        vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4))
+
+
+def _vit() -> torch.nn.Module:
+    import transformers
+
+    return transformers.ViTForImageClassification(transformers.ViTConfig(
+        image_size=16, patch_size=8, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4))
+
+
+@pytest.mark.parametrize(("build", "match"), [
+    (_olmo2, r"Olmo2ForCausalLM \(model_type='olmo2'\).*q_norm\.weight.*k_norm\.weight"),
+    (_deberta_v2, r"model_type='deberta-v2'.*0 attention blocks.*DebertaV2Attention"),
+    (_vit, r"model_type='vit'.*0 MLP blocks.*ViTMLP"),
+])
+def test_structured_refuses_unsupported_architectures_before_changing_weights(build: Any, match: str) -> None:
+    from lightning_latency.pruning.config import PruningConfig
+    from lightning_latency.pruning.structured import prune_structured
+
+    torch.manual_seed(0)
+    model = build()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(ValueError, match=match):
+        prune_structured(model, PruningConfig(mode="structured"), 0.5)
+    after = model.state_dict()
+    assert set(after) == set(before)
+    for key, value in before.items():
+        assert torch.equal(after[key], value), key  # nothing shrunk, nothing converted
+
+
+def _saved(tmp_path: Any) -> Any:
+    model = tiny_bert().eval()
+    prune_step(model, PruningConfig(mode="structured"), 0.5)
+    return save_pruned(model, tmp_path / "pruned")
+
+
+def _set_class(folder: Any, name: Any) -> None:
+    import json
+
+    meta_file = folder / "lightning_latency_pruned.json"
+    meta = json.loads(meta_file.read_text())
+    meta["class"] = name
+    meta_file.write_text(json.dumps(meta))
+
+
+@pytest.mark.parametrize("name", ["os.system", "subprocess.Popen", "evil_marker_module.Model",
+                                  "transformers.utils.import_utils.os.system", "builtins.eval"])
+def test_load_pruned_refuses_a_class_outside_the_allow_list_without_running_it(tmp_path: Any, monkeypatch: Any,
+                                                                              name: str) -> None:
+    folder = _saved(tmp_path)
+    marker = tmp_path / "MARKER"
+    (tmp_path / "evil_marker_module.py").write_text(
+        f"open({str(marker)!r}, 'w').write('ran')\nclass Model:\n    def __init__(self, config):\n"
+        f"        open({str(marker)!r}, 'w').write('ran')\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    _set_class(folder, name)
+    with pytest.raises(ValueError, match=rf"lightning_latency_pruned\.json: field 'class' names '{name}'.*register_loadable"):
+        load_pruned(folder)
+    assert not marker.exists()
+
+
+def test_register_loadable_allows_an_own_class(tmp_path: Any) -> None:
+    from lightning_latency.pruning import register_loadable
+
+    base = type(tiny_bert())
+
+    @register_loadable
+    class MyBert(base):  # type: ignore[misc, valid-type]
+        pass
+
+    model = MyBert(tiny_bert().config).eval()
+    prune_step(model, PruningConfig(mode="structured"), 0.5)
+    save_pruned(model, tmp_path / "mine")
+    assert type(load_pruned(tmp_path / "mine")) is MyBert
+    with pytest.raises(TypeError, match="`cls` must be an nn.Module subclass, got 'os.system'"):
+        register_loadable("os.system")  # type: ignore[arg-type]
+
+
+def test_load_pruned_names_the_file_and_the_problem_of_a_damaged_folder(tmp_path: Any) -> None:
+    folder = _saved(tmp_path)
+    meta_file = folder / "lightning_latency_pruned.json"
+    good = meta_file.read_text()
+    meta_file.write_text("{}")
+    with pytest.raises(ValueError, match=r"lightning_latency_pruned\.json lacks the field 'class'"):
+        load_pruned(folder)
+    meta_file.write_text("{not json")
+    with pytest.raises(ValueError, match=r"lightning_latency_pruned\.json is not valid JSON"):
+        load_pruned(folder)
+    meta_file.write_text(good)
+    _set_class(folder, 42)
+    with pytest.raises(ValueError, match=r"field 'class' must be a dotted class name, got 42"):
+        load_pruned(folder)
+    meta_file.write_text(good)
+    torch.save({"x": _Evil()}, folder / "pruned_state_dict.pt")  # a pickle that would run code
+    with pytest.raises(ValueError, match=r"pruned_state_dict\.pt cannot be read .* weights_only=True"):
+        load_pruned(folder)
+    (folder / "pruned_state_dict.pt").unlink()
+    with pytest.raises(FileNotFoundError, match=r"pruned_state_dict\.pt is missing"):
+        load_pruned(folder)
+
+
+class _Evil:
+    def __reduce__(self) -> Any:
+        return (print, ("pickle ran",))

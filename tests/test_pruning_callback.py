@@ -74,7 +74,7 @@ class _PlainMLP(LightningModule):
 @pytest.mark.parametrize(
     ("module", "callback", "match"),
     [
-        (_PlainMLP, MagnitudePruning(mode="structured"), r"mode='structured' found no attention heads .*_PlainMLP"),
+        (_PlainMLP, MagnitudePruning(mode="structured"), r"mode='structured' does not support _PlainMLP.*found no attention heads"),
         (HFModule, MagnitudePruning(targets=["no_such_layer"]), r"`targets`=\['no_such_layer'\] .*matches no module"),
     ],
 )

@@ -131,6 +131,59 @@ def test_resume_mid_qat_into_a_fresh_model(tmp_path: Path) -> None:
         torch.testing.assert_close(got[key], value, atol=1e-5, rtol=1e-5, msg=key)
 
 
+_KILLED_RUN = """
+import os, signal, sys
+import torch
+from helpers import HFModule, trainer_kwargs
+from lightning_latency._compat import CallbackBase, Trainer
+from lightning_latency.quantization.callback import QuantizationAwareTraining
+
+class SaveThenDie(CallbackBase):
+    def on_train_epoch_end(self, trainer, pl_module):
+        if trainer.global_step == 4:  # frozen phase (start_step=1, freeze_step=2), at an epoch boundary
+            trainer.save_checkpoint(sys.argv[1])
+            os.kill(os.getpid(), signal.SIGKILL)
+
+torch.manual_seed(0)
+qat = QuantizationAwareTraining(start_step=1, freeze_step=2, convert_on_fit_end=False)
+Trainer(callbacks=[qat, SaveThenDie()], **trainer_kwargs(sys.argv[2], max_steps=6)).fit(HFModule(n=16))
+"""
+
+
+def test_sigkilled_in_the_frozen_phase_with_start_step_resumes_exactly(tmp_path: Path) -> None:
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    def qat() -> QuantizationAwareTraining:
+        return QuantizationAwareTraining(start_step=1, freeze_step=2, convert_on_fit_end=False)
+
+    torch.manual_seed(0)
+    straight, straight_cb = HFModule(n=16), qat()
+    _fit(tmp_path / "a", straight, [straight_cb], max_steps=6)
+
+    ckpt = tmp_path / "killed.ckpt"
+    tests = Path(__file__).resolve().parent
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(tests.parent), str(tests)])}
+    done = subprocess.run([sys.executable, "-c", _KILLED_RUN, str(ckpt), str(tmp_path / "b")], env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == -signal.SIGKILL, done.stderr[-3000:]
+    assert ckpt.exists()
+
+    torch.manual_seed(0)
+    fresh, resumed_cb = HFModule(n=16), qat()  # plain float model, new callback
+    resumed = Trainer(callbacks=[resumed_cb], **trainer_kwargs(tmp_path / "c", max_steps=6))
+    resumed.fit(fresh, ckpt_path=ckpt)
+    assert resumed.global_step == 6 and is_frozen(fresh)
+    assert resumed_cb.state_dict() == straight_cb.state_dict()
+    assert resumed_cb.prepared_at_step == 1 and resumed_cb.frozen_at_step == 2
+    expected, got = straight.state_dict(), fresh.state_dict()
+    assert set(got) == set(expected)
+    for key, value in expected.items():
+        torch.testing.assert_close(got[key], value, atol=0, rtol=0, msg=key)  # same ops, same order: bitwise
+
+
 def test_test_ckpt_path_after_conversion(tmp_path: Path) -> None:
     module = QATModule()
     trainer = _fit(tmp_path, module, [QuantizationAwareTraining()], max_steps=3)
@@ -143,6 +196,28 @@ def test_test_ckpt_path_after_conversion(tmp_path: Path) -> None:
     got = tester.test(fresh, ckpt_path=ckpt, verbose=False)[0]["test_loss"]
     assert is_converted(fresh)
     assert got == pytest.approx(expected, abs=1e-6)
+
+
+def test_test_ckpt_path_last_after_a_qat_fit(tmp_path: Path) -> None:
+    from lightning_latency._compat import pl
+
+    module = QATModule()
+    checkpoint = pl.callbacks.ModelCheckpoint(dirpath=tmp_path / "ckpts", save_last=True)
+    trainer = _fit(tmp_path, module, [QuantizationAwareTraining(freeze_step=2), checkpoint], max_steps=4,
+                   enable_checkpointing=True)
+    assert is_converted(module)
+    expected = trainer.test(module, verbose=False)[0]["test_loss"]  # the converted model, as fit left it
+    # "last" was written before the fit-end conversion: fake-quant float weights with frozen ranges
+    got = trainer.test(module, ckpt_path="last", verbose=False)[0]["test_loss"]
+    assert is_converted(module)
+    assert got == pytest.approx(expected, abs=1e-6)
+
+    # the same file on a fresh float module is tested as the quantized model, not silently in fp32
+    fresh = QATModule()
+    tester = Trainer(callbacks=[QuantizationAwareTraining(freeze_step=2)], **trainer_kwargs(tmp_path / "t"))
+    fresh_loss = tester.test(fresh, ckpt_path=checkpoint.last_model_path, verbose=False)[0]["test_loss"]
+    assert is_converted(fresh)
+    assert fresh_loss == pytest.approx(expected, abs=1e-6)
 
 
 def test_fit_twice(tmp_path: Path) -> None:
@@ -210,8 +285,33 @@ def test_callback_misconfiguration(kwargs: dict[str, Any], match: str) -> None:
 
 
 def test_nothing_matched_fails_at_fit_start_with_the_fix(tmp_path: Path) -> None:
-    with pytest.raises(ValueError, match=r"Nothing to quantize.*Fix the patterns"):
+    from lightning_latency._compat import MisconfigurationException
+
+    with pytest.raises(MisconfigurationException, match=r"Nothing to quantize.*Fix the patterns"):
         _fit(tmp_path, QATModule(), [QuantizationAwareTraining(targets=["*conv*"])])
+
+
+class _StepCounter(CallbackBase):
+    def __init__(self) -> None:
+        self.steps = 0
+
+    def on_train_batch_start(self, trainer: Any, pl_module: Any, batch: Any, batch_idx: int) -> None:
+        self.steps += 1
+
+
+@pytest.mark.parametrize(("kwargs", "match"), [
+    (dict(targets=["*conv*"], start_step=1000), r"QuantizationAwareTraining: Nothing to quantize.*\*conv\*"),
+    (dict(scheme="int8_int4", group_size=48, start_step=1000), r"QuantizationAwareTraining: .*group_size.*48"),
+])
+def test_qat_problems_are_found_in_setup_not_at_start_step(tmp_path: Path, kwargs: dict[str, Any], match: str) -> None:
+    from lightning_latency._compat import MisconfigurationException
+
+    module, counter = QATModule(), _StepCounter()
+    before = {k: v.clone() for k, v in module.state_dict().items()}
+    with pytest.raises(MisconfigurationException, match=match):
+        _fit(tmp_path, module, [QuantizationAwareTraining(**kwargs), counter], max_steps=2)
+    assert counter.steps == 0 and not is_prepared(module)
+    assert all(torch.equal(v, before[k]) for k, v in module.state_dict().items())
 
 
 @pytest.mark.ddp

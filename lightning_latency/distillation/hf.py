@@ -8,6 +8,8 @@ models (the teacher from ``teacher_path``, since checkpoints never contain it) a
 
 from __future__ import annotations
 
+import os
+from pathlib import Path
 from typing import Literal
 
 from lightning_latency.distillation.losses import DistillationLoss
@@ -15,12 +17,28 @@ from lightning_latency.distillation.module import DistillationModule
 from lightning_latency.distillation.students import student_from_teacher_layers
 
 
-def _load_hf(path: str, task: str, num_labels: int):
+def _local_folder(name: str, path: object) -> str:
+    """``path`` as a string if it is an existing local model folder; never a hub id (the project contacts no hub)."""
+    if not isinstance(path, (str, os.PathLike)):
+        raise TypeError(f"`{name}` must be a local folder path (str or os.PathLike), got {type(path).__name__} "
+                        f"{path!r}. Pass the folder written by save_pretrained.")
+    folder = Path(path)
+    if not folder.is_dir():
+        raise ValueError(f"`{name}`={str(path)!r} is not an existing local folder (looked in {folder.resolve()}). "
+                         f"Pass the folder written by save_pretrained; hub ids are not downloaded.")
+    if not (folder / "config.json").exists():
+        raise ValueError(f"`{name}`={str(path)!r} has no config.json: it is not a Hugging Face model folder. "
+                         f"Pass the folder written by save_pretrained.")
+    return str(folder)
+
+
+def _load_hf(name: str, path: object, task: str, num_labels: int):
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
+    folder = _local_folder(name, path)
     if task == "causal_lm":
-        return AutoModelForCausalLM.from_pretrained(path)
-    return AutoModelForSequenceClassification.from_pretrained(path, num_labels=num_labels)
+        return AutoModelForCausalLM.from_pretrained(folder, local_files_only=True)
+    return AutoModelForSequenceClassification.from_pretrained(folder, num_labels=num_labels, local_files_only=True)
 
 
 class HFDistillationModule(DistillationModule):
@@ -62,9 +80,9 @@ class HFDistillationModule(DistillationModule):
     ) -> None:
         if task not in ("sequence_classification", "causal_lm"):
             raise ValueError(f"`task` must be 'sequence_classification' or 'causal_lm', got {task!r}.")
-        teacher = _load_hf(teacher_path, task, num_labels)
+        teacher = _load_hf("teacher_path", teacher_path, task, num_labels)
         if student_path is not None:
-            student = _load_hf(student_path, task, num_labels)
+            student = _load_hf("student_path", student_path, task, num_labels)
         else:
             student = student_from_teacher_layers(teacher, student_layers)
         loss = DistillationLoss(kind, temperature=temperature, scale_by_t2=scale_by_t2, beta=beta, chunk_size=chunk_size)

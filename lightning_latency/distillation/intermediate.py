@@ -75,6 +75,15 @@ class HiddenStateLoss(nn.Module):
         super().__init__()
         if kind not in ("mse", "cosine"):
             raise ValueError(f"`kind` must be 'mse' or 'cosine', got {kind!r}.")
+        for name, dim in (("student_dim", student_dim), ("teacher_dim", teacher_dim)):
+            if isinstance(dim, bool) or not isinstance(dim, int) or dim < 1:
+                raise ValueError(f"`{name}` must be an int >= 1 (the hidden size), got {dim!r}. "
+                                 f"E.g. {name}=model.config.hidden_size.")
+        for pair in layer_map or ():
+            if isinstance(pair, (str, bytes)) or len(pair) != 2:
+                raise ValueError(f"`layer_map` entries must be (student_layer, teacher_layer) pairs, got "
+                                 f"{list(pair) if not isinstance(pair, (str, bytes)) else pair!r}. "
+                                 f"Use even_layer_map(num_student_layers, num_teacher_layers).")
         if not layer_map:
             raise ValueError("`layer_map` must name at least one (student, teacher) pair, got an empty map. "
                              "Use even_layer_map(num_student_layers, num_teacher_layers).")

@@ -131,7 +131,7 @@ class DistillationModule(LightningModule):
     ) -> None:
         super().__init__()
         if not isinstance(student, nn.Module):
-            raise ValueError(f"`student` must be an nn.Module, got {type(student).__name__}.")
+            raise ValueError(f"`student` must be an nn.Module, got {type(student).__name__} {student!r:.80}.")
         if teacher is not None and not isinstance(teacher, nn.Module):
             raise ValueError(f"`teacher` must be an nn.Module or None (offline mode), got {type(teacher).__name__}.")
         if teacher is student:

@@ -102,13 +102,13 @@ class TopKLogitsDataset(Dataset):
         if not meta_file.exists():
             raise ValueError(f"`path` {str(self.path)!r} holds no teacher cache (meta.pt missing). "
                              f"Run cache_teacher_topk(teacher, loader, path) first.")
-        meta = torch.load(meta_file)
+        meta = torch.load(meta_file, weights_only=True)
         if meta["count"] != len(dataset):  # type: ignore[arg-type]
             raise ValueError(f"the cache in {str(self.path)!r} has {meta['count']} items but the dataset has "
                              f"{len(dataset)}; rebuild it with cache_teacher_topk on this dataset.")  # type: ignore[arg-type]
         self.k = int(meta["k"])
         # Shards are small (k values per position): load them all once, index them in memory.
-        shards = [torch.load(self.path / f"shard_{i:06d}.pt") for i in range(int(meta["shards"]))]
+        shards = [torch.load(self.path / f"shard_{i:06d}.pt", weights_only=True) for i in range(int(meta["shards"]))]
         self._values = [s["values"] for s in shards]
         self._indices = [s["indices"] for s in shards]
         self._starts = [0]

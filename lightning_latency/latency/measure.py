@@ -89,6 +89,9 @@ class LatencyConfig:
                 torch.device(self.device)
             except (RuntimeError, TypeError) as err:
                 raise ValueError(f"`device` must name a torch device, got {self.device!r}. E.g. device='cpu'.") from err
+        if isinstance(self.unstable_threshold, bool) or not isinstance(self.unstable_threshold, (int, float)):
+            raise TypeError(f"`unstable_threshold` must be a number, got {type(self.unstable_threshold).__name__} "
+                            f"{self.unstable_threshold!r}. E.g. unstable_threshold=0.1 (10%).")
         if not 0 < self.unstable_threshold:
             raise ValueError(f"`unstable_threshold` must be > 0, got {self.unstable_threshold!r}. E.g. 0.1 (10%).")
         for name in ("peak_bandwidth", "peak_flops"):
@@ -296,6 +299,10 @@ def measure_latency(model: nn.Module | Callable[..., Any], inputs: Any, config: 
         report = measure_latency(model, {"input_ids": ids, "attention_mask": mask}, threads=2)
         print(report.summary())
     """
+    if config is not None and not isinstance(config, LatencyConfig):
+        raise TypeError(f"`config` must be a LatencyConfig or None, got {type(config).__name__} {config!r}. "
+                        f"Pass settings as keywords (measure_latency(model, inputs, warmup=3)) or "
+                        f"config=LatencyConfig(...).")
     config = (config or LatencyConfig()).replace(**overrides) if overrides else (config or LatencyConfig())
     raw = resolve_inputs(inputs)
     flags = _training_flags(model)

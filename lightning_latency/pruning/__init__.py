@@ -16,7 +16,7 @@ from lightning_latency.pruning.budget import (
 )
 from lightning_latency.pruning.config import PruningConfig, PruningMode
 from lightning_latency.pruning.core import PruningResult, model_counts, prune_step, structured_sparsity
-from lightning_latency.pruning.hf_io import load_pruned, save_pruned
+from lightning_latency.pruning.hf_io import load_pruned, register_loadable, save_pruned
 from lightning_latency.pruning.masks import apply_masks
 from lightning_latency.pruning.schedule import PruningSchedule
 from lightning_latency.pruning.structured import reshape_to_state_dict, structure
@@ -37,6 +37,7 @@ __all__ = [
     "model_counts",
     "prune_step",
     "reshape_to_state_dict",
+    "register_loadable",
     "save_pruned",
     "structure",
     "structured_sparsity",

@@ -109,6 +109,10 @@ class MagnitudePruning(CallbackBase):
         self.config = PruningConfig(mode=mode, importance=importance, targets=targets, exclude=tuple(exclude),
                                     scope=scope, n=n, m=m, prune_heads=prune_heads, prune_neurons=prune_neurons,
                                     max_layer_sparsity=max_layer_sparsity)
+        if not callable(schedule) and schedule not in ("cubic", "linear"):
+            # PruningSchedule calls it `curve`; name the argument the user passed here
+            raise ValueError(f"`schedule` must be 'cubic', 'linear' or a callable progress -> fraction, got "
+                             f"{schedule!r}. Use schedule='cubic'.")
         self.schedule = PruningSchedule(initial_sparsity, final_sparsity, start, start if end is None else end,
                                         frequency, schedule)
         if interval not in _INTERVALS:

@@ -7,7 +7,6 @@ state dict; loading builds the original architecture, shrinks each layer to the 
 
 from __future__ import annotations
 
-import importlib
 import json
 from pathlib import Path
 from typing import Any
@@ -69,29 +68,110 @@ def save_pruned(model: nn.Module, folder: str | Path) -> Path:
     return folder
 
 
+_REGISTERED: dict[str, type] = {}
+
+
+def _dotted(cls: type) -> str:
+    return f"{cls.__module__}.{cls.__qualname__}"
+
+
+def register_loadable(cls: type) -> type:
+    """Allow :func:`load_pruned` to rebuild models of ``cls`` (a model class outside ``transformers``).
+
+    ``load_pruned`` never imports a name read from the folder: it builds only ``transformers`` model classes and
+    the classes registered here. Usable as a class decorator; returns ``cls``.
+
+    Raises:
+        TypeError: if ``cls`` is not an ``nn.Module`` subclass.
+    """
+    if not (isinstance(cls, type) and issubclass(cls, nn.Module)):
+        raise TypeError(f"`cls` must be an nn.Module subclass, got {cls!r}. Pass the model class itself, "
+                        f"e.g. register_loadable(MyPretrainedModel).")
+    _REGISTERED[_dotted(cls)] = cls
+    return cls
+
+
+def _allowed_class(name: Any, meta_file: Path) -> type:
+    """The model class named ``name`` if it is a transformers model class or a registered one; never imports it."""
+    if not isinstance(name, str) or not name:
+        raise ValueError(f"{meta_file}: field 'class' must be a dotted class name, got {name!r}. "
+                         f"The folder is damaged: save the model again with save_pruned.")
+    if name in _REGISTERED:
+        return _REGISTERED[name]
+    module_name, _, cls_name = name.rpartition(".")
+    if module_name.split(".")[0] == "transformers" and cls_name.isidentifier():
+        import transformers
+
+        # transformers' own lazy name table resolves it: only transformers' modules can be imported this way
+        try:
+            cls = getattr(transformers, cls_name)
+        except (AttributeError, ImportError, RuntimeError):
+            cls = None
+        if isinstance(cls, type) and issubclass(cls, transformers.PreTrainedModel) and _dotted(cls) == name:
+            return cls
+    raise ValueError(
+        f"{meta_file}: field 'class' names {name!r}, which is neither a transformers model class nor registered "
+        f"with register_loadable. load_pruned builds only those; for your own class call "
+        f"lightning_latency.pruning.register_loadable(YourModelClass) before loading."
+    )
+
+
+def _read_meta(meta_file: Path) -> dict[str, Any]:
+    try:
+        meta = json.loads(meta_file.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise ValueError(f"{meta_file} is not valid JSON ({err}). The folder is damaged: save the model again "
+                         f"with save_pruned.") from err
+    if not isinstance(meta, dict):
+        raise ValueError(f"{meta_file} must hold a JSON object, got {type(meta).__name__}. Save again with save_pruned.")
+    for key in ("class", "original_structure"):
+        if key not in meta:
+            raise ValueError(f"{meta_file} lacks the field {key!r}. The folder is damaged or was not written by "
+                             f"save_pruned: save the model again with save_pruned.")
+    return meta
+
+
 def load_pruned(folder: str | Path) -> nn.Module:
     """Rebuild the model saved by :func:`save_pruned`: same class, same shapes, same weights, outputs identical.
 
+    Only ``transformers`` model classes and classes registered with :func:`register_loadable` are built; the
+    weights are read with ``torch.load(weights_only=True)``. Nothing in the folder can run code.
+
     Raises:
-        FileNotFoundError: if ``folder`` was not written by :func:`save_pruned`.
+        FileNotFoundError: if ``folder`` was not written by :func:`save_pruned` (or its weights file is missing).
+        ValueError: a damaged folder (bad JSON, missing fields, unreadable weights) or a class not allowed; the
+            message names the file and the problem.
     """
     from transformers import AutoConfig
 
     folder = Path(folder)
-    if not (folder / _META).exists():
+    meta_file, weights_file = folder / _META, folder / _WEIGHTS
+    if not meta_file.exists():
         raise FileNotFoundError(
             f"{folder} has no {_META}: it was not written by save_pruned. Use from_pretrained for unpruned models."
         )
-    meta = json.loads((folder / _META).read_text())
-    module_name, _, cls_name = meta["class"].rpartition(".")
-    cls = getattr(importlib.import_module(module_name), cls_name)
-    config = AutoConfig.from_pretrained(folder)
+    meta = _read_meta(meta_file)
+    cls = _allowed_class(meta["class"], meta_file)
+    if not weights_file.exists():
+        raise FileNotFoundError(f"{weights_file} is missing: the folder is incomplete. Save again with save_pruned.")
+    try:
+        config = AutoConfig.from_pretrained(folder, local_files_only=True)
+    except (OSError, ValueError, KeyError) as err:
+        raise ValueError(f"{folder / 'config.json'}: cannot read the model config ({err}). Save again with "
+                         f"save_pruned.") from err
+    try:
+        state = torch.load(weights_file, map_location="cpu", weights_only=True)
+    except Exception as err:  # UnpicklingError, EOFError, RuntimeError from a truncated zip...
+        raise ValueError(f"{weights_file} cannot be read as a tensor state dict with weights_only=True "
+                         f"({type(err).__name__}). load_pruned never unpickles code; save again with "
+                         f"save_pruned.") from err
+    if not isinstance(state, dict):
+        raise ValueError(f"{weights_file} must hold a state dict, got {type(state).__name__}.")
     model = cls(config)
-    state = torch.load(folder / _WEIGHTS, map_location="cpu", weights_only=True)
     set_original_structure(model, meta["original_structure"])
     reshape_to_state_dict(model, state)
     model.load_state_dict(state, strict=True)
     update_hf_config(model)
-    model.to(getattr(torch, meta.get("dtype", "float32")))
+    model.to(getattr(torch, str(meta.get("dtype", "float32"))))
     model.eval()
     return model

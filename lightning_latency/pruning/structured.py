@@ -119,17 +119,71 @@ def find_blocks(model: nn.Module, convert: bool = True) -> tuple[list[_Attention
     return attns, mlps
 
 
+def _model_type(model: nn.Module) -> str:
+    config = getattr(model, "config", None)
+    return f"{type(model).__name__} (model_type={getattr(config, 'model_type', None)!r})"
+
+
+def _unrecognised_params(block: nn.Module, known: list[nn.Module], sizes: set[int], keep: set[int]) -> list[str]:
+    """Parameters of ``block`` outside the ``known`` layers that have a dimension we would shrink (``sizes``)."""
+    known_ids = {id(p) for layer in known for p in layer.parameters()}
+    found = []
+    for name, param in block.named_parameters():
+        if id(param) not in known_ids and any(d in sizes and d not in keep for d in param.shape):
+            found.append(f"{name} {tuple(param.shape)}")
+    return found
+
+
+def _support_problem(model: nn.Module, config: PruningConfig, attns: list[_Attention], mlps: list[_MLP]) -> str:
+    """Why structured pruning cannot shrink ``model`` consistently ('' when it can). Looks only, changes nothing."""
+    found_attn = {id(a.module) for a in attns} | {id(a.o) for a in attns}
+    found_mlp = {id(m.module) for m in mlps}
+    if config.prune_heads and len(attns) != len(mlps) and mlps:
+        missing = sorted({type(mod).__name__ for name, mod in model.named_modules()
+                          if re.search(r"(attention|attn)$", name) and id(mod) not in found_attn
+                          and not any(id(c) in found_attn for c in mod.modules())})
+        return (f"found {len(mlps)} MLP blocks but {len(attns)} attention blocks; attention modules not "
+                f"recognised: {missing or 'unknown'}")
+    if config.prune_neurons and len(mlps) != len(attns) and attns:
+        missing = sorted({type(mod).__name__ for name, mod in model.named_modules()
+                          if re.search(r"(mlp|ffn|feed_forward)$", name) and id(mod) not in found_mlp})
+        return (f"found {len(attns)} attention blocks but {len(mlps)} MLP blocks; MLP modules not recognised: "
+                f"{missing or 'unknown'}")
+    for a in attns:
+        layers = [x for x in (a.q, a.k, a.v, a.o, a.qkv) if x is not None]
+        rows = {_out_features(x) for x in layers if x is not a.o}
+        extra = _unrecognised_params(a.module, layers, rows, {a.head_dim})
+        if config.prune_heads and extra:
+            return f"attention block {a.name!r} ({type(a.module).__name__}) has parameters sized by its heads that " \
+                   f"would not be shrunk: {extra}"
+    for m in mlps:
+        if m.module is None or not config.prune_neurons:
+            continue
+        # the residual width is never shrunk, so a norm of that size is fine even when it equals the MLP width
+        extra = _unrecognised_params(m.module, [*m.ins, m.out], {m.num_neurons}, {_out_features(m.out)})
+        extra = [e for e in extra if not any(e.startswith(p) for p in ("attention.", "self_attn.", "attn."))]
+        if extra:
+            return f"MLP block {m.name!r} ({type(m.module).__name__}) has parameters sized by its width that " \
+                   f"would not be shrunk: {extra}"
+    return ""
+
+
 def blocks_or_raise(model: nn.Module, config: PruningConfig, convert: bool = True) -> tuple[list, list]:
-    attns, mlps = find_blocks(model, convert=convert)
-    if (config.prune_heads and attns) or (config.prune_neurons and mlps):
-        return attns, mlps
-    raise ValueError(
-        f"mode='structured' found no {'attention heads' if config.prune_heads else ''}"
-        f"{' or ' if config.prune_heads and config.prune_neurons else ''}"
-        f"{'MLP blocks' if config.prune_neurons else ''} it can shrink in {type(model).__name__}. Supported: "
-        f"BERT-family encoders, Llama-family decoders (incl. GQA) and GPT-2. For other models use "
-        f"mode='unstructured' or mode='nm' (masks), or prune with torch-pruning's DependencyGraph directly."
-    )
+    """The blocks to shrink; raises before any weight changes when the model is not a supported family."""
+    attns, mlps = find_blocks(model, convert=False)
+    problem = ""
+    if not ((config.prune_heads and attns) or (config.prune_neurons and mlps)):
+        problem = (f"found no {'attention heads' if config.prune_heads else ''}"
+                   f"{' or ' if config.prune_heads and config.prune_neurons else ''}"
+                   f"{'MLP blocks' if config.prune_neurons else ''} it can shrink")
+    problem = problem or _support_problem(model, config, attns, mlps)
+    if problem:
+        raise ValueError(
+            f"mode='structured' does not support {_model_type(model)}: {problem}. Supported: "
+            f"BERT-family encoders, Llama-family decoders (incl. GQA) and GPT-2. For other models use "
+            f"mode='unstructured' or mode='nm' (masks), or prune with torch-pruning's DependencyGraph directly."
+        )
+    return find_blocks(model, convert=convert) if convert else (attns, mlps)
 
 
 def structure(model: nn.Module) -> dict[str, dict[str, int]]:

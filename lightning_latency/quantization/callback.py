@@ -31,9 +31,11 @@ from lightning_latency.quantization.qat import (
     is_frozen,
     is_prepared,
     prepare_qat,
+    strip_qat,
     unconvert_qat,
     weight_error,
 )
+from lightning_latency.quantization.targets import check_group_size, select_modules
 from lightning_latency.strategies import fsdp_problem, is_fsdp
 
 _PHASES = ("float", "prepared", "frozen", "converted")
@@ -133,6 +135,9 @@ class QuantizationAwareTraining(CallbackBase):
         self.converted = False
         self._restored_phase = "float"
         self._hook_handle: Any = None
+        self._post_hook_handle: Any = None
+        self._convert_after_load = False
+        self._stage: str | None = None
         self._trainer: Any = None
 
     @property
@@ -148,7 +153,7 @@ class QuantizationAwareTraining(CallbackBase):
 
     def __getstate__(self) -> dict[str, Any]:  # ddp_spawn pickles callbacks; hook handles do not pickle
         state = self.__dict__.copy()
-        state["_hook_handle"] = state["_trainer"] = None
+        state["_hook_handle"] = state["_post_hook_handle"] = state["_trainer"] = None
         return state
 
     # ------------------------------------------------------------------ schedule
@@ -165,16 +170,21 @@ class QuantizationAwareTraining(CallbackBase):
             return
         if not is_prepared(pl_module):
             self.quantized = prepare_qat(pl_module, self.config)
-            self.prepared_at_step = trainer.global_step
+            # On a resume Lightning calls `on_fit_start` before it restores `global_step`: keep the restored step.
+            resumed = self._restored_phase in ("prepared", "frozen") and self.prepared_at_step is not None
+            if not resumed:
+                self.prepared_at_step = trainer.global_step
             rank_zero_info(f"QuantizationAwareTraining: fake-quantizing {len(self.quantized)} modules "
-                           f"({self.config.scheme.value}) from step {trainer.global_step}.")
+                           f"({self.config.scheme.value}) from step {self.prepared_at_step}"
+                           f"{' (resumed)' if resumed else ''}.")
             self._log_hparams(trainer)
             self._log_error(trainer, pl_module)
         want_frozen = self._restored_phase == "frozen" or (
             self.freeze_step is not None and trainer.global_step >= self.freeze_step)
         if want_frozen and not is_frozen(pl_module):
             freeze_ranges(pl_module)
-            self.frozen_at_step = trainer.global_step
+            if self._restored_phase != "frozen" or self.frozen_at_step is None:
+                self.frozen_at_step = trainer.global_step
             self._log(trainer, {"qat/frozen": 1.0})
 
     # ------------------------------------------------------------------ logging
@@ -218,17 +228,39 @@ class QuantizationAwareTraining(CallbackBase):
         keys = [k for k in state_dict if k.startswith(prefix)]
         converted = bool(packed) or any(_is_quantized_tensor(state_dict[k]) for k in keys)
         frozen = any(k.endswith("weight_fake_quantizer.scale") for k in keys)
-        if not (converted or frozen):
+        saved = (loaded.get("callbacks") or {}).get(self.state_key) or {}
+        in_qat = frozen or saved.get("phase") in ("prepared", "frozen")
+        if converted:
+            if not is_converted(module):
+                if not is_prepared(module):
+                    self.quantized = prepare_qat(module, self.config)
+                convert_qat(module, self.config)
+                self.converted = True
+            if packed:
+                unpack_quantized_state(module, state_dict, packed, prefix)
             return
-        if converted and not is_converted(module):
-            if not is_prepared(module):
-                self.quantized = prepare_qat(module, self.config)
+        if not in_qat:
+            return
+        # A checkpoint written during QAT (every ModelCheckpoint file: they are saved before the fit-end conversion)
+        # holds fake-quant float weights. Bring the module to that form; outside `fit`, convert again after the load
+        # so `test(ckpt_path=...)` measures the quantized model, as the fit would have left it (Lightning #12896).
+        was_converted = is_converted(module)
+        if was_converted:
+            unconvert_qat(module)
+            strip_qat(module)
+        if not is_prepared(module):
+            # Lightning restores the weights before the callback state, so a fresh model is still float here.
+            self.quantized = prepare_qat(module, self.config)
+        if frozen and not is_frozen(module):
+            freeze_ranges(module)  # creates the scale buffers; the checkpoint's values are copied into them next
+        self._convert_after_load = self._stage != "fit" and (was_converted or self.convert_on_fit_end)
+
+    def _after_weights_load(self, module: nn.Module, incompatible_keys: Any) -> None:
+        """Load-state-dict post-hook: convert a QAT checkpoint loaded outside ``fit`` (see ``_before_weights_load``)."""
+        if self._convert_after_load and is_prepared(module):
             convert_qat(module, self.config)
             self.converted = True
-        elif frozen and not is_converted(module):
-            freeze_ranges(module)  # creates the scale buffers; the checkpoint's values are copied into them next
-        if packed:
-            unpack_quantized_state(module, state_dict, packed, prefix)
+        self._convert_after_load = False
 
     @override
     def setup(self, trainer: Any, pl_module: Any, stage: str) -> None:
@@ -236,12 +268,13 @@ class QuantizationAwareTraining(CallbackBase):
         problem = fsdp_problem(self) if stage == "fit" and is_fsdp(trainer) else None
         if problem:
             raise MisconfigurationException(problem)
-        if self._hook_handle is not None:
-            self._hook_handle.remove()
+        self.teardown(trainer, pl_module, stage)
         self._trainer = trainer
         model = self._model(pl_module)
         # On a submodule target the hook receives that submodule and its key prefix (e.g. "student.").
+        self._stage = stage
         self._hook_handle = model.register_load_state_dict_pre_hook(self._before_weights_load)
+        self._post_hook_handle = model.register_load_state_dict_post_hook(self._after_weights_load)
         if stage == "fit" and is_converted(model):
             names = unconvert_qat(model)
             rank_zero_warn(
@@ -251,15 +284,22 @@ class QuantizationAwareTraining(CallbackBase):
             )
             self.converted = False
             self._restored_phase = "prepared"
+        if stage == "fit" and not is_converted(model) and not is_prepared(model):
+            # Found now, not at `start_step` (possibly hours later): targets that match nothing, a bad group size.
+            try:
+                check_group_size(select_modules(model, self.config), self.config)
+            except ValueError as err:
+                raise MisconfigurationException(f"QuantizationAwareTraining: {err}") from err
         if stage == "fit":
             # Before the optimizer is built and before DDP wraps the model (both happen after `setup`).
             self._sync_phase(trainer, model)
 
     @override
     def teardown(self, trainer: Any, pl_module: Any, stage: str) -> None:
-        if self._hook_handle is not None:
-            self._hook_handle.remove()
-            self._hook_handle = None
+        for handle in (self._hook_handle, self._post_hook_handle):
+            if handle is not None:
+                handle.remove()
+        self._hook_handle = self._post_hook_handle = None
         self._trainer = None
 
     # ------------------------------------------------------------------ training hooks

@@ -57,6 +57,18 @@ def is_frozen(model: nn.Module) -> bool:
     return any("scale" in m.weight_fake_quantizer._buffers for m in fake_quantized_modules(model).values())
 
 
+def _as_config(config: Any) -> QuantizationConfig:
+    """``config`` as a :class:`QuantizationConfig`: None gives the default, a scheme string its preset."""
+    if config is None:
+        return QuantizationConfig()
+    if isinstance(config, (str, Scheme)):
+        return QuantizationConfig(scheme=config)
+    if not isinstance(config, QuantizationConfig):
+        raise TypeError(f"`config` must be a QuantizationConfig, a scheme name such as 'int8_dynamic', or None, "
+                        f"got {type(config).__name__} {config!r:.80}. E.g. QuantizationConfig(scheme='int8_dynamic').")
+    return config
+
+
 def prepare_qat(model: nn.Module, config: QuantizationConfig | None = None) -> list[str]:
     """Swap the targeted linears (and embeddings) of ``model`` in place for fake-quantized versions.
 
@@ -76,14 +88,14 @@ def prepare_qat(model: nn.Module, config: QuantizationConfig | None = None) -> l
 
     Example::
 
-        prepare_qat(model, QuantizationConfig(scheme="int8_dynamic"))
+        prepare_qat(model, QuantizationConfig(scheme="int8_dynamic"))  # or prepare_qat(model, "int8_dynamic")
         train(model)
         convert_qat(model)
     """
     from torchao.quantization import quantize_
     from torchao.quantization.qat import QATConfig
 
-    config = config or QuantizationConfig()
+    config = _as_config(config)
     if is_converted(model):
         raise ValueError(
             f"`model` is already converted to quantized weights ({len(converted_modules(model))} modules); it cannot "
@@ -158,7 +170,7 @@ def convert_qat(model: nn.Module, config: QuantizationConfig | None = None) -> l
     from torchao.quantization.granularity import PerAxis, PerGroup
     from torchao.quantization.qat import QATConfig
 
-    config = config or QuantizationConfig()
+    config = _as_config(config)
     modules = fake_quantized_modules(model)
     if not modules:
         raise ValueError(
