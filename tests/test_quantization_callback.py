@@ -275,7 +275,7 @@ def test_cli_recipe_configures_the_callback(tmp_path: Path) -> None:
         ({"start_step": 2, "start_epoch": 1}, r"Give one of `start_step` \(2\) and `start_epoch` \(1\)"),
         ({"group_size": -8}, r"`group_size` must be a positive int.*got -8"),
         ({"scheme": "int8_int4", "backend": "x86"}, r"`backend`='x86'.*backend='torchao'"),
-        ({"backend": "cuda"}, r"`backend` must be one of 'x86', 'torchao', got 'cuda'"),
+        ({"backend": "cuda"}, r"`backend` must be one of 'x86', 'torchao', .*got 'cuda'"),
         ({"log_every_n_steps": 1.5}, r"`log_every_n_steps` must be an int >= 0"),
     ],
 )

@@ -385,9 +385,19 @@ class LatencyMonitor(CallbackBase):
             # The number a user sees at fit end is the form that ships; the eager figure (fake quantization or
             # masks still in the graph: slower than fp32) stays in the record, labelled.
             eager = measure_latency(module, inputs, self.config)
-            fast, info = self._deployed_form(module, inputs, deploy_backend)
-            forward = measure_latency(fast, inputs, self.config.replace(compile=False))  # already compiled
-            form = {"form": f"deployed {info['backend']}", "deploy": info, "eager": eager.to_dict()}
+            can_generate = getattr(module, "can_generate", None)
+            if isinstance(inputs, dict) and callable(can_generate) and can_generate():
+                inputs = {**inputs, "use_cache": False}  # a KV cache object in the output cannot be exported
+            try:
+                fast, info = self._deployed_form(module, inputs, deploy_backend)
+            except Exception as err:  # the eager number is still worth reporting; say why it is not deployed
+                rank_zero_warn(f"LatencyMonitor: could not build the {deploy_backend!r} deployment form for the final "
+                               f"measurement ({type(err).__name__}: {str(err)[:200]}); the final row times the model "
+                               "as it is (eager). Pass deploy_final=False to skip the attempt.")
+                forward, form = eager, {"form": "eager (deploy failed)"}
+            else:
+                forward = measure_latency(fast, inputs, self.config.replace(compile=False))  # already compiled
+                form = {"form": f"deployed {info['backend']}", "deploy": info, "eager": eager.to_dict()}
         else:
             forward = measure_latency(module, inputs, self.config)
         record: dict[str, Any] = {"phase": phase, "step": int(trainer.global_step), "epoch": int(trainer.current_epoch),
