@@ -7,7 +7,13 @@ Public names are imported lazily, so ``import lightning_latency`` is cheap and t
 from __future__ import annotations
 
 import importlib
+import warnings
 from typing import Any
+
+from lightning_latency._deprecation import LightningLatencyDeprecationWarning
+
+# Python hides DeprecationWarning outside __main__; a renamed argument in a user's script must be seen once.
+warnings.simplefilter("default", LightningLatencyDeprecationWarning)
 
 __version__ = "0.1.0"
 
@@ -93,6 +99,12 @@ _EXPORTS: dict[str, str] = {
     "full_params": "lightning_latency.strategies",
     "is_fsdp": "lightning_latency.strategies",
     "resolve_target": "lightning_latency._target",
+    "is_spawned": "lightning_latency.strategies",
+    # the shared callback contract and the module-selection pattern type
+    "CompressionCallback": "lightning_latency.base",
+    "ModulePattern": "lightning_latency.patterns",
+    "compile_patterns": "lightning_latency.patterns",
+    "LightningLatencyDeprecationWarning": "lightning_latency._deprecation",
     # LLM decode: weight-only low-bit linears on packed CPU kernels, their QAT, the fast generation loop
     "quantize_weight_only": "lightning_latency.quantization.weight_only",
     "Int4WeightOnlyLinear": "lightning_latency.quantization.weight_only",

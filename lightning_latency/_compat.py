@@ -87,9 +87,21 @@ CallbackBase: type = type("CallbackBase", _callback_bases(), {"__module__": __na
 CallbackBase.__doc__ = "``Callback`` of every installed Lightning package, so both Trainers accept our callbacks."
 
 
-def is_trainer(obj: Any) -> bool:
-    """True for a Trainer of either Lightning package."""
-    return type(obj).__name__ == "Trainer" and type(obj).__module__.split(".")[0] in ("pytorch_lightning", "lightning")
+def lightning_classes(module: str, name: str) -> tuple[type, ...]:
+    """Class ``name`` of ``<package>.<module>`` for every Lightning package imported in this process.
+
+    A Trainer of either package may hold our callbacks, so ``isinstance`` checks must accept both classes.
+    """
+    found = []
+    for package in (BACKEND, _L if BACKEND == _PL else _PL):
+        if package != BACKEND and package not in sys.modules:
+            continue  # not imported: no object of it can exist
+        try:
+            cls = getattr(importlib.import_module(f"{package}.{module}"), name)
+        except (ImportError, AttributeError):
+            continue
+        found.append(cls)
+    return tuple(found)
 
 
 __all__ = [
@@ -99,7 +111,7 @@ __all__ = [
     "LightningModule",
     "MisconfigurationException",
     "Trainer",
-    "is_trainer",
+    "lightning_classes",
     "pl",
     "rank_zero_info",
     "rank_zero_only",

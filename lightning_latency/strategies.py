@@ -8,10 +8,12 @@ torchrun or SLURM is Lightning's business); these helpers only pick the settings
   when the module has trainable parameters that can get no gradient (a ``DistillationModule`` with intermediate
   projections but no live teacher, i.e. offline distillation), because it costs an extra graph traversal per step.
 * FSDP (GPU only; Lightning refuses FSDP on CPU): teacher and student are wrapped as separate units by
-  :class:`~lightning_latency.distillation.fsdp.DistillationWrapPolicy`, so frozen and trainable weights never share
+  :class:`DistillationWrapPolicy`, so frozen and trainable weights never share
   a flat parameter; ``use_orig_params=True`` so ``configure_optimizers`` can name the student's parameters. The
-  strategy refuses, before wrapping, the two compression setups that cannot work on sharded weights (see
-  :func:`fsdp_strategy`).
+  strategy asks every callback, before wrapping, whether it can act on sharded weights (see :func:`fsdp_strategy`).
+
+This module sits below the callbacks and the distillation module: it never imports them. It asks instead, through
+two duck-typed questions: ``callback.strategy_problem(kind)`` and ``module.ddp_find_unused_parameters``.
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ from typing import Any, Literal
 
 from torch import nn
 
-from lightning_latency._compat import MisconfigurationException, pl
+from lightning_latency._compat import MisconfigurationException, lightning_classes, pl
 
 _START_METHODS = ("popen", "spawn", "fork", "forkserver")
 _BACKENDS = (None, "gloo", "nccl", "mpi")
@@ -40,12 +42,12 @@ def _timeout(timeout_s: float | None) -> timedelta | None:
 
 
 def _needs_find_unused(module: nn.Module) -> bool:
-    """True when some trainable parameter can get no gradient in ``training_step`` (offline distillation)."""
-    intermediate = getattr(module, "intermediate", None)
-    if not isinstance(intermediate, nn.Module) or getattr(module, "student", None) is None:
-        return False
-    trainable = any(p.requires_grad for p in intermediate.parameters())
-    return trainable and getattr(module, "teacher", None) is None
+    """What the module says about ``find_unused_parameters`` (``ddp_find_unused_parameters``); False if silent.
+
+    A ``DistillationModule`` says True when a trainable parameter can get no gradient in ``training_step`` (offline
+    distillation with intermediate projections).
+    """
+    return bool(getattr(module, "ddp_find_unused_parameters", False))
 
 
 class CompressionDDPStrategy(pl.strategies.DDPStrategy):
@@ -115,26 +117,13 @@ def ddp_strategy(
 
 
 def fsdp_problem(callback: Any) -> str | None:
-    """Why ``callback`` cannot act on FSDP-sharded weights, with the fix; None when it can.
-
-    Used by the callbacks' ``setup`` under any FSDP strategy, and by :class:`CompressionFSDPStrategy` before wrapping.
-    """
-    name = type(callback).__name__
-    mode = getattr(getattr(getattr(callback, "config", None), "mode", None), "value", None)
-    if name == "MagnitudePruning" and mode == "structured":
-        return ("MagnitudePruning(mode='structured') changes parameter shapes, which FSDP's flat parameters cannot "
-                "follow. Prune the unsharded model before wrapping (prune_step(model, PruningConfig(mode="
-                "'structured'), sparsity) then fit under FSDP), or run the structured schedule under DDP.")
-    if name == "QuantizationAwareTraining" and (getattr(callback, "start_step", 0) or
-                                                getattr(callback, "start_epoch", None)):  # start 0: set up pre-wrap
-        return (f"QuantizationAwareTraining(start_step={callback.start_step}, start_epoch={callback.start_epoch}) "
-                f"would swap modules inside already-wrapped FSDP units. Under FSDP, QAT must be prepared before "
-                f"wrapping: pass start_step=0 (prepared in `setup`, before the strategy wraps the model).")
-    return None
+    """Why ``callback`` cannot act on FSDP-sharded weights, with the fix; None when it can (the callback says)."""
+    ask = getattr(callback, "strategy_problem", None)
+    return ask("fsdp") if callable(ask) else None
 
 
 def _fsdp_conflicts(trainer: Any) -> list[str]:
-    """Compression setups of ``trainer``'s callbacks that cannot act on FSDP-sharded weights, with their fix."""
+    """What ``trainer``'s callbacks say they cannot do on FSDP-sharded weights, with their fix."""
     return [p for p in (fsdp_problem(cb) for cb in getattr(trainer, "callbacks", [])) if p]
 
 
@@ -184,8 +173,6 @@ def fsdp_strategy(
                           callbacks=[QuantizationAwareTraining(start_step=0)])
         trainer.fit(DistillationModule(student, teacher))
     """
-    from lightning_latency.distillation.fsdp import distillation_auto_wrap_policy
-
     if sharding_strategy not in _SHARDING:
         raise ValueError(f"`sharding_strategy` must be one of {list(_SHARDING)}, got {sharding_strategy!r}. "
                          f"Use 'FULL_SHARD' to shard parameters, gradients and optimizer state.")
@@ -203,8 +190,23 @@ def fsdp_strategy(
 
 def is_fsdp(trainer: Any) -> bool:
     """True when ``trainer`` runs an FSDP strategy (weights are sharded between hooks)."""
-    strategy = getattr(trainer, "strategy", None)
-    return strategy is not None and "FSDP" in type(strategy).__name__
+    classes = lightning_classes("strategies", "FSDPStrategy")
+    return isinstance(getattr(trainer, "strategy", None), classes)
+
+
+def is_spawned(trainer: Any) -> bool:
+    """True when the ranks run in child processes whose weights come back to the main process through a file
+    (``ddp_spawn``, ``ddp_fork``, ``ddp_notebook``: Lightning's multiprocessing launcher)."""
+    launcher = getattr(getattr(trainer, "strategy", None), "launcher", None)
+    classes = lightning_classes("strategies.launchers.multiprocessing", "_MultiProcessingLauncher")
+    return launcher is not None and isinstance(launcher, classes)
+
+
+def strategy_kind(trainer: Any) -> Literal["fsdp", "spawn"] | None:
+    """The strategy property a compression callback may have to refuse: sharded weights or a spawned launch."""
+    if is_fsdp(trainer):
+        return "fsdp"
+    return "spawn" if is_spawned(trainer) else None
 
 
 @contextlib.contextmanager
@@ -223,5 +225,52 @@ def full_params(trainer: Any) -> Iterator[None]:
         yield
 
 
-__all__ = ["CompressionDDPStrategy", "CompressionFSDPStrategy", "ddp_strategy", "fsdp_problem", "fsdp_strategy",
-           "full_params", "is_fsdp"]
+# ------------------------------------------------------------------ FSDP wrap policy for teacher + student
+# FSDP flattens every parameter of a unit into one FlatParameter; with use_orig_params=False a unit may not mix
+# trainable and frozen parameters, and even with use_orig_params=True a mixed unit keeps gradient/optimizer
+# bookkeeping for frozen weights. Wrapping teacher and student (and their blocks) as their own units avoids both.
+TEACHER_ATTR = "teacher"
+STUDENT_ATTR = "student"
+
+
+class DistillationWrapPolicy:
+    """Callable FSDP ``auto_wrap_policy``: wrap ``*.teacher``, ``*.student`` and any ``layer_classes`` instance.
+
+    A class (not a closure) so it pickles for spawn-based launchers. The root (the ``DistillationModule``) keeps
+    only what is left: the intermediate-loss projections, which are trainable.
+
+    Args:
+        layer_classes: transformer block classes to wrap individually inside student and teacher (e.g.
+            ``LlamaDecoderLayer``); ``None`` wraps the two models as whole units.
+    """
+
+    def __init__(self, layer_classes: Iterable[type[nn.Module]] | None = None) -> None:
+        self.layer_classes = tuple(layer_classes or ())
+        self._roots: set[int] = set()
+
+    def mark(self, module: nn.Module) -> None:
+        """Register the student and teacher of a ``DistillationModule`` (done when the policy visits the root)."""
+        for attr in (TEACHER_ATTR, STUDENT_ATTR):
+            child = getattr(module, attr, None)
+            if isinstance(child, nn.Module):
+                self._roots.add(id(child))
+
+    def __call__(self, module: nn.Module, recurse: bool, nonwrapped_numel: int = 0) -> bool:
+        if recurse:
+            if isinstance(getattr(module, STUDENT_ATTR, None), nn.Module):
+                self._roots = set()  # the root DistillationModule: (re)register its two models
+                self.mark(module)
+            return True
+        if id(module) in self._roots:
+            return True
+        return bool(self.layer_classes) and isinstance(module, self.layer_classes)
+
+
+def distillation_auto_wrap_policy(layer_classes: Iterable[type[nn.Module]] | None = None) -> DistillationWrapPolicy:
+    """The FSDP auto-wrap policy for a ``DistillationModule`` (see :class:`DistillationWrapPolicy`)."""
+    return DistillationWrapPolicy(layer_classes)
+
+
+__all__ = ["CompressionDDPStrategy", "CompressionFSDPStrategy", "DistillationWrapPolicy", "ddp_strategy",
+           "distillation_auto_wrap_policy", "fsdp_problem", "fsdp_strategy", "full_params", "is_fsdp", "is_spawned",
+           "strategy_kind"]

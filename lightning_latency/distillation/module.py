@@ -193,6 +193,16 @@ class DistillationModule(LightningModule):
 
     # ------------------------------------------------------------------ mechanics
     @property
+    def ddp_find_unused_parameters(self) -> bool:
+        """True when a trainable parameter can get no gradient in ``training_step``: intermediate projections
+        without a live teacher (offline distillation). ``ddp_strategy`` reads it; a frozen teacher never needs it,
+        because DDP ignores parameters with ``requires_grad=False``."""
+        intermediate = getattr(self, "intermediate", None)
+        if not isinstance(intermediate, nn.Module) or self.teacher is not None:
+            return False
+        return any(p.requires_grad for p in intermediate.parameters())
+
+    @property
     def compression_target(self) -> nn.Module:
         """The module compression callbacks (pruning, QAT, latency) should act on: the student."""
         return self.student

@@ -179,6 +179,15 @@ class MagnitudePruning(CallbackBase):
         except ValueError as err:
             raise MisconfigurationException(str(err)) from err
 
+    def strategy_problem(self, kind: str, pl_module: Any = None) -> str | None:
+        if self.config.mode is not PruningMode.STRUCTURED:
+            return None
+        if kind == "fsdp":
+            return ("MagnitudePruning(mode='structured') changes parameter shapes, which FSDP's flat parameters "
+                    "cannot follow. Prune the unsharded model before wrapping (prune_step(model, PruningConfig(mode="
+                    "'structured'), sparsity) then fit under FSDP), or run the structured schedule under DDP.")
+        return None
+
     def _check_strategy(self, trainer: Any, pl_module: Any = None) -> None:
         if self.config.mode is not PruningMode.STRUCTURED:
             return

@@ -151,6 +151,13 @@ class QuantizationAwareTraining(CallbackBase):
         """The module this callback quantizes (``model_attr``, else ``compression_target``, else ``pl_module``)."""
         return resolve_target(pl_module, self.model_attr)
 
+    def strategy_problem(self, kind: str, pl_module: Any = None) -> str | None:
+        if kind == "fsdp" and (self.start_step or self.start_epoch):  # start 0: prepared in setup, before wrapping
+            return (f"QuantizationAwareTraining(start_step={self.start_step}, start_epoch={self.start_epoch}) "
+                    f"would swap modules inside already-wrapped FSDP units. Under FSDP, QAT must be prepared before "
+                    f"wrapping: pass start_step=0 (prepared in `setup`, before the strategy wraps the model).")
+        return None
+
     def __getstate__(self) -> dict[str, Any]:  # ddp_spawn pickles callbacks; hook handles do not pickle
         state = self.__dict__.copy()
         state["_hook_handle"] = state["_post_hook_handle"] = state["_trainer"] = None
