@@ -13,7 +13,9 @@ in this base, once:
   pickled (spawn-based launchers pickle callbacks);
 * **logging from global rank zero only** (:meth:`log_metrics`, :meth:`log_hyperparams`, :meth:`info`, :meth:`warn`);
 * **the strategy contract**: a strategy asks each callback :meth:`strategy_problem` before it wraps the model
-  (``strategies.py`` never imports a callback).
+  (``strategies.py`` never imports a callback);
+* **what it did to the model**: :attr:`compresses` and :meth:`deploy_config`, which ``LatencyMonitor`` reads to
+  time the deployment form (callbacks never import each other).
 
 See docs/architecture.md for the layers and a new callback in under 100 lines.
 """
@@ -21,7 +23,7 @@ See docs/architecture.md for the layers and a new callback in under 100 lines.
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 from torch import nn
 from typing_extensions import override
@@ -52,6 +54,10 @@ class CompressionCallback(CallbackBase):
             ``pl_module.compression_target`` when defined (a ``DistillationModule``: the student), else the module.
     """
 
+    #: True for callbacks that change the model's weights or structure (pruning, QAT): ``LatencyMonitor`` then
+    #: times the deployment form at fit end rather than the eager training form.
+    compresses: ClassVar[bool] = False
+
     def __init__(self, model_attr: str | None = None) -> None:
         self.model_attr = check_model_attr(model_attr)
         self._handles: list[Any] = []
@@ -71,6 +77,10 @@ class CompressionCallback(CallbackBase):
     def strategy_problem(self, kind: StrategyKind, pl_module: nn.Module | None = None) -> str | None:
         """Why this callback cannot run under ``kind`` (``"fsdp"``: sharded weights; ``"spawn"``: weights return
         to the main process through a file), with the fix; None when it can."""
+        return None
+
+    def deploy_config(self) -> Any | None:
+        """The quantization config a deployment must use to run what this callback trained (QAT), else None."""
         return None
 
     # ------------------------------------------------------------------ Lightning hooks
