@@ -86,3 +86,27 @@ def tokens_of(inputs: Any) -> int | None:
 def seq_len_of(inputs: Any) -> int | None:
     ids = token_ids_of(inputs)
     return int(ids.shape[-1]) if ids is not None else None
+
+
+#: Batch keys that are targets, not model inputs.
+LABEL_KEYS = frozenset({"labels", "label"})
+
+
+def drop_labels(batch: Any, extra: frozenset[str] | set[str] = frozenset()) -> Any:
+    """A dict batch without its label keys (and ``extra`` keys); other batches unchanged."""
+    if isinstance(batch, Mapping):
+        drop = LABEL_KEYS | set(extra)
+        return {k: v for k, v in batch.items() if k not in drop}
+    return batch
+
+
+def detach_cpu(obj: Any, clone: bool = False) -> Any:
+    """Tensors of a nested batch detached and on CPU (cloned with ``clone``: safe to keep across steps)."""
+    if isinstance(obj, torch.Tensor):
+        out = obj.detach().cpu()
+        return out.clone() if clone and out.data_ptr() == obj.data_ptr() else out
+    if isinstance(obj, Mapping):
+        return {k: detach_cpu(v, clone) for k, v in obj.items()}
+    if isinstance(obj, (tuple, list)):
+        return type(obj)(detach_cpu(v, clone) for v in obj)
+    return obj
