@@ -22,7 +22,8 @@ from lightning_latency.latency.fast_generation import (
 )
 from lightning_latency.latency.generation import GenerationReport, measure_generation
 from lightning_latency.latency.hardware import KNOWN_PEAKS, has_native_bf16, isa_flags, isa_summary, known_peaks
-from lightning_latency.latency.measure import LatencyConfig, LatencyReport, compare_latency, measure_latency
+from lightning_latency.latency.config import LatencyConfig
+from lightning_latency.latency.measure import LatencyReport, compare_latency, measure_latency
 from lightning_latency.latency.memory import ModelStats, model_stats, tensor_nbytes
 from lightning_latency.latency.stats import TimingStats, summarize
 from lightning_latency.latency.sweep import sweep_generation, sweep_latency, sweep_table

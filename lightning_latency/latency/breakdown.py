@@ -18,8 +18,9 @@ import torch
 from torch import nn
 
 from lightning_latency.latency._inputs import call_model, move_to, resolve_inputs
-from lightning_latency.latency.deploy import module_device
-from lightning_latency.latency.measure import LatencyConfig, _restore_flags, _training_flags, sync
+from lightning_latency.latency.config import LatencyConfig
+from lightning_latency.latency.measure import sync
+from lightning_latency.latency.session import measuring, resolve_config
 
 # Name patterns (re.search on the qualified module name) for the usual transformer parts of BERT, Llama and GPT-2.
 DEFAULT_PATTERNS: dict[str, str] = {
@@ -106,9 +107,8 @@ def module_breakdown(model: nn.Module, inputs: Any, config: LatencyConfig | None
         raise ValueError(f"`group_by` must be 'type', 'name' or 'pattern', got {group_by!r}. E.g. group_by='type'.")
     if not isinstance(model, nn.Module):
         raise ValueError(f"`model` must be an nn.Module (hooks need one), got {type(model).__name__}.")
-    config = (config or LatencyConfig()).replace(**overrides) if overrides else (config or LatencyConfig())
+    config = resolve_config(config, overrides)
     clock = config.clock or time.perf_counter
-    device = module_device(model)
     groups = _select(model, group_by, patterns or DEFAULT_PATTERNS, depth)
     totals: dict[str, float] = defaultdict(float)
     calls: dict[str, int] = defaultdict(int)
@@ -128,31 +128,31 @@ def module_breakdown(model: nn.Module, inputs: Any, config: LatencyConfig | None
         return hook
 
     handles = []
-    flags = _training_flags(model)
-    x = move_to(resolve_inputs(inputs), device)
-    try:
-        for group, mods in groups.items():
-            for m in mods:
-                handles.append(m.register_forward_pre_hook(pre(group)))
-                handles.append(m.register_forward_hook(post(group)))
-        model.eval()
-        with torch.inference_mode():
-            for _ in range(config.warmup):
-                call_model(model, x)
-            totals.clear()
-            calls.clear()
-            runs, whole, start = 0, 0.0, clock()
-            while runs < config.min_runs and (runs == 0 or clock() - start < config.max_time_s):
-                sync(device)
-                a = clock()
-                call_model(model, x)
-                sync(device)
-                whole += clock() - a
-                runs += 1
-    finally:
-        for h in handles:
-            h.remove()
-        _restore_flags(flags)
+    # transform=False: the hooks sit on this model's submodules, so the model itself must run (no copy, no compile).
+    with measuring(model, config, transform=False) as session:
+        device = session.device
+        x = move_to(resolve_inputs(inputs), device)
+        try:
+            for group, mods in groups.items():
+                for m in mods:
+                    handles.append(m.register_forward_pre_hook(pre(group)))
+                    handles.append(m.register_forward_hook(post(group)))
+            with torch.inference_mode():
+                for _ in range(config.warmup):
+                    call_model(model, x)
+                totals.clear()
+                calls.clear()
+                runs, whole, start = 0, 0.0, clock()
+                while runs < config.min_runs and (runs == 0 or clock() - start < config.max_time_s):
+                    sync(device)
+                    a = clock()
+                    call_model(model, x)
+                    sync(device)
+                    whole += clock() - a
+                    runs += 1
+        finally:
+            for h in handles:
+                h.remove()
     total_ms = whole * 1e3 / runs
     rows = [BreakdownRow(g, totals[g] * 1e3 / runs, calls[g] / runs, (totals[g] * 1e3 / runs) / total_ms if total_ms else 0.0)
             for g in totals]

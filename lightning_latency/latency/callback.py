@@ -308,7 +308,7 @@ class LatencyMonitor(CallbackBase):
 
     def _deployed_form(self, module: nn.Module, inputs: Any, backend: str) -> tuple[Any, dict[str, Any]]:
         """A deployment form of a copy of ``module`` for the baseline's input shapes, and what it is."""
-        from lightning_latency.latency.deploy import _deepcopy_detached
+        from lightning_latency.latency.compiled import _deepcopy_detached
         from lightning_latency.quantization import deploy
         from lightning_latency.quantization.qat import is_converted, unconvert_qat
 

@@ -17,11 +17,12 @@ import torch
 from torch import nn
 
 from lightning_latency.latency._inputs import batch_size_of, move_to, resolve_inputs, token_ids_of
-from lightning_latency.latency.deploy import deployed
+from lightning_latency.latency.config import LatencyConfig
 from lightning_latency.latency.fast_generation import decode_bytes_per_token, fast_generate
-from lightning_latency.latency.hardware import known_peaks, utilisation
-from lightning_latency.latency.measure import LatencyConfig, _restore_flags, _Threads, _training_flags, timed_loop
+from lightning_latency.latency.hardware import utilisation
+from lightning_latency.latency.measure import timed_loop
 from lightning_latency.latency.memory import PeakMemory, model_stats
+from lightning_latency.latency.session import measuring, resolve_config
 from lightning_latency.latency.stats import summarize
 
 
@@ -144,7 +145,7 @@ def measure_generation(model: nn.Module, inputs: Any = None, config: LatencyConf
         report = measure_generation(model, prompt_len=64, new_tokens=32, max_time_s=20)
         print(report.ttft_ms, report.tpot_ms, report.tokens_per_s)
     """
-    config = (config or LatencyConfig()).replace(**overrides) if overrides else (config or LatencyConfig())
+    config = resolve_config(config, overrides)
     if fast and getattr(model, "config", None) is None:
         raise ValueError(f"`fast=True` needs a Hugging Face causal LM with a `config`, got {type(model).__name__}. "
                          f"Pass fast=False to time model.generate.")
@@ -164,49 +165,41 @@ def measure_generation(model: nn.Module, inputs: Any = None, config: LatencyConf
     pad = pad if pad is not None else getattr(gen_cfg, "eos_token_id", None)
     pad = pad[0] if isinstance(pad, (list, tuple)) else (pad if pad is not None else 0)
     common = dict(do_sample=False, use_cache=True, pad_token_id=pad)
-    flags = _training_flags(model)
-    try:
-        with _Threads(config.threads) as threads, deployed(model, config.device, config.compile, config.compile_mode,
-                                                           config.freezing, compile_forward_only=True) as (run, dev):
-            run.eval()
-            x = move_to(prompt, dev)
+    with measuring(model, config, compile_forward_only=True) as session:
+        run, dev = session.run, session.device
+        x = move_to(prompt, dev)
 
-            def first() -> Any:
-                if fast:
-                    return fast_generate(run, x["input_ids"], 1, fast_compile, x["attention_mask"])
-                return run.generate(**x, max_new_tokens=1, min_new_tokens=1, **common)
+        def first() -> Any:
+            if fast:
+                return fast_generate(run, x["input_ids"], 1, fast_compile, x["attention_mask"])
+            return run.generate(**x, max_new_tokens=1, min_new_tokens=1, **common)
 
-            def full() -> Any:
-                if fast:
-                    return fast_generate(run, x["input_ids"], new_tokens, fast_compile, x["attention_mask"])
-                return run.generate(**x, max_new_tokens=new_tokens, min_new_tokens=new_tokens, **common)
+        def full() -> Any:
+            if fast:
+                return fast_generate(run, x["input_ids"], new_tokens, fast_compile, x["attention_mask"])
+            return run.generate(**x, max_new_tokens=new_tokens, min_new_tokens=new_tokens, **common)
 
-            with torch.inference_mode():
-                out = full()
-                got = int(out.shape[-1]) - plen
-                if got != new_tokens:
-                    raise RuntimeError(f"generate produced {got} new tokens instead of {new_tokens}; "
-                                       "cannot time a fixed output length with this model.")
-                peak = PeakMemory(dev)
-                with peak:
-                    t = timed_loop([first, full], config, dev, on_run=peak.sample)
-    finally:
-        _restore_flags(flags)
+        with torch.inference_mode():
+            out = full()
+            got = int(out.shape[-1]) - plen
+            if got != new_tokens:
+                raise RuntimeError(f"generate produced {got} new tokens instead of {new_tokens}; "
+                                   "cannot time a fixed output length with this model.")
+            peak = PeakMemory(dev)
+            with peak:
+                t = timed_loop([first, full], config, dev, on_run=peak.sample)
     ttft, total = summarize(t.per_fn_s[0], config.unstable_threshold), summarize(t.per_fn_s[1], config.unstable_threshold)
     pairs = [(b - a) / (new_tokens - 1) for a, b in zip(t.per_fn_s[0], t.per_fn_s[1])]
     tpot_stats = summarize(pairs, config.unstable_threshold)
     tpot_s = max((total.median_ms - ttft.median_ms) / 1e3 / (new_tokens - 1), 1e-12)
     ms = model_stats(model)
     kv = _kv_cache_bytes(model, batch, plen + new_tokens / 2, _dtype_bytes(model))
-    bw, flops = config.peak_bandwidth, config.peak_flops
-    if bw is None or flops is None:
-        kb, kf = known_peaks(dev)
-        bw, flops = bw or kb, flops or kf
+    bw, flops = session.peak_bandwidth, session.peak_flops
     return GenerationReport(
         ttft_ms=ttft.median_ms, tpot_ms=tpot_s * 1e3, tokens_per_s=batch * new_tokens / (total.median_ms / 1e3),
         decode_tokens_per_s=batch / tpot_s, total_ms=total.median_ms, prompt_len=plen, new_tokens=new_tokens,
         batch_size=batch, ttft_iqr_ms=ttft.iqr_ms, tpot_iqr_ms=tpot_stats.iqr_ms, total_iqr_ms=total.iqr_ms,
-        count=total.count, unstable=ttft.unstable or total.unstable, num_threads=threads, device=str(dev),
+        count=total.count, unstable=ttft.unstable or total.unstable, num_threads=session.threads, device=str(dev),
         compiled=config.compile or (fast and fast_compile), fast=fast, budget_exhausted=t.budget_exhausted,
         peak_memory_mb=peak.peak_mb,
         model_mb=ms.model_mb, kv_cache_mb=kv / 1024**2 if kv is not None else None,

@@ -1,4 +1,6 @@
-"""The deployment form a measurement runs in: a chosen device and/or ``torch.compile`` — always on a deep copy.
+"""The compiled / moved form a measurement runs in: a chosen device and/or ``torch.compile`` — always on a deep copy.
+
+(Not :func:`lightning_latency.quantization.deploy`, which builds an int8 deployment; this only moves and compiles.)
 
 The model being trained is never moved, compiled or frozen: :func:`deployed` deep-copies it first whenever the
 measurement needs anything other than the model as it is.
@@ -38,10 +40,6 @@ def _deepcopy_detached(model: nn.Module) -> nn.Module:
         return copy.deepcopy(model)
     finally:
         model.__dict__.update(saved)
-
-
-def _compile_settings(mode: str | None, freezing: bool) -> tuple[Any, ...]:
-    return (mode, freezing)
 
 
 @contextlib.contextmanager
@@ -86,7 +84,7 @@ def deployed(
         yield work, target
         return
     freeze = (target.type == "cpu") if freezing is None else bool(freezing)
-    settings = _compile_settings(compile_mode, freeze)
+    settings = (compile_mode, freeze)
     if _last_compile_settings is not None and settings != _last_compile_settings:
         torch._dynamo.reset()
     _last_compile_settings = settings
