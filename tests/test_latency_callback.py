@@ -11,6 +11,7 @@ from helpers import HFModule, RankStateDump, read_csv_metrics, trainer_kwargs
 from lightning_latency._compat import MisconfigurationException, Trainer, pl
 from lightning_latency.latency import LatencyConfig
 from lightning_latency.latency.callback import LatencyMonitor
+from lightning_latency.latency.final import final_backend
 
 RECIPE = Path(__file__).resolve().parents[1] / "callbacks" / "latency.yaml"
 FAST = dict(warmup=1, min_runs=3, max_time_s=0.5, threads=1)
@@ -220,8 +221,7 @@ def test_final_measurement_times_the_deployed_form_after_qat(tmp_path: Path) -> 
     report = json.loads((Path(trainer.log_dir) / "latency_report.json").read_text())
     assert report["records"][-1]["form"] == "deployed ort_int8"
     # without an explicit choice the monitor deploys with the QAT config's backend; no QAT, no pruning: eager
-    mon.deploy_final = None
-    assert mon._deploy_backend(trainer, module) == "x86"
+    assert final_backend(module.model, trainer.callbacks, None)[0] == "x86"
     plain = _monitor(model_attr="model")
     plain_trainer = Trainer(callbacks=[plain], **trainer_kwargs(tmp_path / "plain", max_steps=1, limit_val_batches=1))
     plain_trainer.fit(HFModule(kind="bert"))

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 import torch
@@ -110,3 +110,39 @@ def detach_cpu(obj: Any, clone: bool = False) -> Any:
     if isinstance(obj, (tuple, list)):
         return type(obj)(detach_cpu(v, clone) for v in obj)
     return obj
+
+
+def batch_to_model_inputs(batch: Any) -> Any:
+    """The default ``batch -> inputs`` of a monitor: a dict batch without labels, element 0 of a tuple batch."""
+    if isinstance(batch, (tuple, list)):
+        return batch[0]
+    return drop_labels(batch)
+
+
+def first_batch(loaders: Any) -> Any:
+    """The first batch of a dataloader (or of the first of a list / dict of them); None when there is none."""
+    if loaders is None:
+        return None
+    if isinstance(loaders, (list, tuple)):
+        loaders = loaders[0] if loaders else None
+    elif isinstance(loaders, Mapping):
+        loaders = next(iter(loaders.values()), None)
+    if loaders is None:
+        return None
+    try:
+        return next(iter(loaders))
+    except (StopIteration, TypeError):
+        return None
+
+
+def example_inputs(inputs: Inputs | None, batches: Iterable[Any], batch_to_inputs: Callable[[Any], Any]) -> Any:
+    """The inputs a monitor times, as detached CPU copies (safe to keep across steps): ``inputs`` (built when
+    callable), else ``batch_to_inputs`` of the first batch in ``batches`` that is not None (read lazily, in order);
+    None when there is neither."""
+    raw = inputs() if callable(inputs) and not isinstance(inputs, torch.Tensor) else inputs
+    if raw is None:
+        batch = next((b for b in batches if b is not None), None)
+        if batch is None:
+            return None
+        raw = batch_to_inputs(batch)
+    return detach_cpu(raw)
