@@ -20,14 +20,14 @@ from lightning_latency.latency._inputs import batch_size_of, move_to, resolve_in
 from lightning_latency.latency.config import LatencyConfig
 from lightning_latency.latency.fast_generation import decode_bytes_per_token, fast_generate
 from lightning_latency.latency.hardware import utilisation
-from lightning_latency.latency.measure import timed_loop
+from lightning_latency.latency.measure import RunContext, timed_loop
 from lightning_latency.latency.memory import PeakMemory, model_stats
 from lightning_latency.latency.session import measuring, resolve_config
 from lightning_latency.latency.stats import summarize
 
 
 @dataclass
-class GenerationReport:
+class GenerationReport(RunContext):
     """Result of :func:`measure_generation`. Times in milliseconds (medians unless named otherwise)."""
 
     ttft_ms: float
@@ -43,17 +43,8 @@ class GenerationReport:
     total_iqr_ms: float = 0.0
     count: int = 0
     unstable: bool = False
-    num_threads: int = 0
-    device: str = "cpu"
-    compiled: bool = False
     fast: bool = False
-    budget_exhausted: bool = False
-    peak_memory_mb: float | None = None
-    model_mb: float | None = None
     kv_cache_mb: float | None = None
-    mbu: float | None = None
-    mfu: float | None = None
-    name: str = ""
     ttft_times_ms: list[float] = field(default_factory=list, repr=False)
     total_times_ms: list[float] = field(default_factory=list, repr=False)
 

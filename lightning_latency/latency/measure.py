@@ -43,8 +43,23 @@ class _Stat:
 _STAT_NAMES = tuple(f.name for f in dataclasses.fields(TimingStats))
 
 
+@dataclass(kw_only=True)
+class RunContext:
+    """Where and how a measurement ran, peak memory, size and utilisation: the fields every latency report shares."""
+
+    num_threads: int = 0
+    device: str = "cpu"
+    compiled: bool = False
+    budget_exhausted: bool = False
+    peak_memory_mb: float | None = None
+    model_mb: float | None = None
+    mbu: float | None = None
+    mfu: float | None = None
+    name: str = ""
+
+
 @dataclass
-class LatencyReport:
+class LatencyReport(RunContext):
     """Result of one latency measurement. Times in milliseconds per call of the model on the inputs.
 
     The timing statistics are :attr:`stats` (a :class:`TimingStats`); ``median_ms`` (alias ``p50_ms``),
@@ -58,20 +73,11 @@ class LatencyReport:
     batch_size: int
     seq_len: int | None = None
     tokens_per_call: int | None = None
-    num_threads: int = 0
-    device: str = "cpu"
-    compiled: bool = False
     warmup: int = 0
     total_time_s: float = 0.0
     first_call_ms: float = 0.0
-    budget_exhausted: bool = False
-    peak_memory_mb: float | None = None
-    model_mb: float | None = None
     num_params: int | None = None
     nonzero_params: int | None = None
-    mbu: float | None = None
-    mfu: float | None = None
-    name: str = ""
     round_medians_ms: list[float] = field(default_factory=list)
     times_ms: list[float] = field(default_factory=list, repr=False)
 
@@ -271,4 +277,4 @@ def compare_latency(models: Mapping[str, nn.Module | Callable[..., Any]], inputs
     return best
 
 
-__all__ = ["LatencyConfig", "LatencyReport", "compare_latency", "measure_latency", "sync", "timed_loop"]
+__all__ = ["LatencyConfig", "LatencyReport", "RunContext", "compare_latency", "measure_latency", "sync", "timed_loop"]
