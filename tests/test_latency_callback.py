@@ -9,6 +9,7 @@ import torch
 from helpers import HFModule, RankStateDump, read_csv_metrics, trainer_kwargs
 
 from lightning_latency._compat import MisconfigurationException, Trainer, pl
+from lightning_latency.base import CompressionCallback
 from lightning_latency.latency import LatencyConfig
 from lightning_latency.latency.callback import LatencyMonitor
 from lightning_latency.latency.final import final_backend
@@ -215,6 +216,7 @@ def test_final_measurement_times_the_deployed_form_after_qat(tmp_path: Path) -> 
     assert [r["phase"] for r in mon.records] == ["baseline", "final"]
     assert final["form"] == "deployed ort_int8" and final["deploy"]["backend"] == "ort_int8"
     assert final["eager"]["median_ms"] > 0 and final["forward"]["batch_size"] == mon.records[0]["forward"]["batch_size"]
+    assert final["eager_form"] == "as trained, converted (torchao int8), eager"  # QAT converted it first
     assert final["forward"]["seq_len"] == mon.records[0]["forward"]["seq_len"]  # same shapes as the baseline
     metrics = mon.metrics(final)
     assert metrics["latency/eager_p50_ms"] == pytest.approx(final["eager"]["median_ms"])
@@ -232,3 +234,59 @@ def test_final_measurement_times_the_deployed_form_after_qat(tmp_path: Path) -> 
 def test_deploy_final_misconfiguration(value: Any) -> None:
     with pytest.raises(ValueError, match="`deploy_final`"):
         LatencyMonitor(deploy_final=value)
+
+
+class _FakeCompressor(CompressionCallback):
+    """Any compression callback: the monitor knows it only by ``compresses`` and ``deploy_config()``."""
+
+    compresses = True
+
+    def __init__(self, config: Any = None) -> None:
+        super().__init__("model")
+        self.config = config
+
+    def deploy_config(self) -> Any:
+        return self.config
+
+
+def test_a_compressing_callback_makes_the_final_row_the_deployed_form(tmp_path: Path) -> None:
+    pytest.importorskip("onnxruntime")
+    from lightning_latency.quantization import QuantizationConfig
+
+    # the callback's deploy_config() picks the backend (ort_int8: an ONNX export, no inductor compile: fast)
+    mon = _monitor(model_attr="model")
+    trainer = Trainer(callbacks=[_FakeCompressor(QuantizationConfig(backend="ort_int8")), mon],
+                      **trainer_kwargs(tmp_path, max_steps=2, limit_val_batches=1))
+    trainer.fit(HFModule(kind="bert"))
+    final = mon.records[-1]
+    assert final["form"] == "deployed ort_int8" and final["eager"]["median_ms"] > 0
+    assert final["eager_form"] == "as trained, eager"
+    rows = _latency_rows(trainer)
+    assert float(rows[-1]["latency/eager_p50_ms"]) == pytest.approx(final["eager"]["median_ms"])
+    # compresses=False (the base's default): the model is timed as it is
+    plain = _monitor(model_attr="model")
+    Trainer(callbacks=[CompressionCallback(), plain],
+            **trainer_kwargs(tmp_path / "plain", max_steps=1, limit_val_batches=1)).fit(HFModule(kind="bert"))
+    assert plain.records[-1]["form"] == "eager" and "eager" not in plain.records[-1]
+
+
+def test_the_monitor_imports_no_other_callback() -> None:
+    import ast
+
+    import lightning_latency.latency as latency
+
+    imported = set()
+    for path in Path(latency.__file__).parent.glob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and node.module:
+                imported.add(node.module)
+            elif isinstance(node, ast.Import):
+                imported.update(alias.name for alias in node.names)
+    ours = {m for m in imported if m.startswith("lightning_latency.") and not m.startswith("lightning_latency.latency")}
+    assert ours and not {m for m in ours if "callback" in m or m.startswith("lightning_latency.distillation")}, ours
+
+
+def test_generation_true_without_generate_fails_at_setup(tmp_path: Path) -> None:
+    trainer = Trainer(callbacks=[_monitor(model_attr="model", generation=True)], **trainer_kwargs(tmp_path))
+    with pytest.raises(MisconfigurationException, match=r"LatencyMonitor: `generation=True` but .* no `generate`"):
+        trainer.fit(HFModule(kind="bert"))

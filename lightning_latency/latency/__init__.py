@@ -5,8 +5,11 @@
   compiled-decode form); :func:`measure_bandwidth` — the MBU denominator, measured.
 * :func:`model_stats` — size by real storage, parameter and non-zero parameter counts.
 * :func:`sweep_latency` — batch-size × sequence-length grids; :func:`module_breakdown` — which submodules take the time.
+* :class:`LatencyRecorder` — a monitor's state and records (baseline, periodic, final; the deployed form of a
+  compressed model), its metrics, table and JSON report, for any training loop.
 
-``LatencyMonitor`` lives in :mod:`lightning_latency.latency.callback` (imported lazily: it pulls in Lightning).
+``LatencyMonitor`` (:mod:`lightning_latency.latency.callback`, imported lazily: it pulls in Lightning) is the thin
+callback on the recorder. Set-up shared by the measurers: :mod:`~lightning_latency.latency.session`.
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ from lightning_latency.latency.hardware import KNOWN_PEAKS, has_native_bf16, isa
 from lightning_latency.latency.config import LatencyConfig
 from lightning_latency.latency.measure import LatencyReport, compare_latency, measure_latency
 from lightning_latency.latency.memory import ModelStats, model_stats, tensor_nbytes
+from lightning_latency.latency.recorder import LatencyRecorder
 from lightning_latency.latency.stats import TimingStats, summarize
 from lightning_latency.latency.sweep import sweep_generation, sweep_latency, sweep_table
 
@@ -35,6 +39,7 @@ __all__ = [
     "GenerationReport",
     "LatencyConfig",
     "LatencyMonitor",
+    "LatencyRecorder",
     "LatencyReport",
     "ModelStats",
     "TimingStats",

@@ -39,6 +39,10 @@ class _Stat:
     def __get__(self, obj: Any, owner: type | None = None) -> Any:
         return self if obj is None else getattr(obj.stats, self.name)
 
+    def __set__(self, obj: Any, value: Any) -> None:
+        raise AttributeError(f"`{self.name}` is read from the report's `stats` (a frozen TimingStats); for other "
+                             f"numbers build a new report: dataclasses.replace(report, stats=...).")
+
 
 _STAT_NAMES = tuple(f.name for f in dataclasses.fields(TimingStats))
 
