@@ -174,3 +174,18 @@ def test_latency_report_composes_timing_stats() -> None:
     assert report.to_dict() == data and "stats" not in data  # flat, as records and reports have always been
     with pytest.raises(AttributeError):
         report.median_ms = 1.0  # read through to the (frozen) statistics
+
+
+def test_quiet_torchao_import_silences_only_its_loggers_and_only_inside(caplog: pytest.LogCaptureFixture) -> None:
+    import logging
+
+    from lightning_latency.latency.final import quiet_torchao_import
+
+    with caplog.at_level(logging.WARNING):
+        with quiet_torchao_import():
+            logging.getLogger("torchao").warning("Failed to load _C_mxfp8")
+            logging.getLogger("torch.utils._pytree").warning("Enum subclass")
+            logging.getLogger("torchao").error("a real error")
+            logging.getLogger("other").warning("kept")
+        logging.getLogger("torchao").warning("after")
+    assert [r.getMessage() for r in caplog.records] == ["a real error", "kept", "after"]
