@@ -173,10 +173,10 @@ class LatencyMonitor(CompressionCallback):
             rec.baseline_done = True  # on every rank, before the barrier: decisions stay identical across ranks
         record = None
         if trainer.is_global_zero:
-            backend, deploy_config = (final_backend(module, trainer.callbacks, self.deploy_final) if final
-                                      else (None, None))
             with rec.timing():
                 try:
+                    backend, deploy_config = (final_backend(module, trainer.callbacks, self.deploy_final) if final
+                                              else (None, None))
                     record = rec.measure(module, self._resolve_inputs(trainer, batch), phase, trainer.global_step,
                                          trainer.current_epoch, backend, deploy_config)
                 except MisconfigurationException:

@@ -141,7 +141,7 @@ def summary_table(records: list[dict[str, Any]]) -> str:
                          f"{e['samples_per_s']:>11.1f}{'':>8}{base / e['median_ms']:>8.2f}x"
                          f"{'-':>9}  {r.get('eager_form', 'eager, as trained')} (not what ships)")
     b = records[0]["forward"]
-    head = (f"LatencyMonitor: batch {b['batch_size']}, seq {b.get('seq_len')}, {b['num_threads']} threads on "
+    head = (f"batch {b['batch_size']}, seq {b.get('seq_len')}, {b['num_threads']} threads on "
             f"{b['device']} ('!' = unstable, IQR/median > threshold)")
     return "\n".join([head, *lines])
 
