@@ -44,9 +44,6 @@ def utilisation(amount: float, seconds: float, peak: float | None) -> float | No
     return amount / seconds / peak
 
 
-
-
-
 # /proc/cpuinfo flags that decide which CPU kernels are fast: int8 dot products (VNNI), matrix tiles (AMX) and
 # native bf16 arithmetic. Without native bf16, bf16 autocast emulates it and runs ×4–7 slower than fp32.
 _ISA_FLAGS = ("avx2", "avx512f", "avx512_vnni", "avx_vnni", "avx512_bf16", "amx_tile", "amx_int8", "amx_bf16")
@@ -84,4 +81,6 @@ def isa_summary(features: dict[str, object] | None = None) -> str:
     yes = {True: "yes", False: "no"}
     return (f"capability {f['capability']}; avx512 {yes[bool(f['avx512f'])]}, vnni {yes[bool(f['vnni'])]}, "
             f"amx {yes[bool(f['amx'])]}, bf16 {yes[bool(f['bf16'])]}")
+
+
 __all__ = ["KNOWN_PEAKS", "isa_flags", "has_native_bf16", "isa_summary", "known_peaks", "utilisation"]
