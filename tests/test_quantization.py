@@ -52,14 +52,14 @@ def test_prepare_llama_skips_lm_head_and_embeddings_unless_asked() -> None:
     assert "model.embed_tokens" in names and "lm_head" not in names
 
 
-def test_skip_and_targets_are_overridable_by_name_and_type() -> None:
+def test_exclude_and_targets_are_overridable_by_name_and_type() -> None:
     model = tiny_bert()
-    names = prepare_qat(model, QuantizationConfig(targets=["*attention*"], skip=["*output.dense"]))
+    names = prepare_qat(model, QuantizationConfig(targets=["*attention*"], exclude=["*output.dense"]))
     assert names and all("attention" in n and not n.endswith("output.dense") for n in names)
     model = tiny_bert()
-    names = prepare_qat(model, QuantizationConfig(skip=["BertIntermediate"]))  # class name of a parent
+    names = prepare_qat(model, QuantizationConfig(exclude=["BertIntermediate"]))  # class name of a parent
     assert names and not any("intermediate" in n for n in names)
-    assert "classifier" in prepare_qat(tiny_bert(), QuantizationConfig(skip=[]))
+    assert "classifier" in prepare_qat(tiny_bert(), QuantizationConfig(exclude=[]))
 
 
 def test_prepare_is_idempotent_and_shares_parameters() -> None:
@@ -220,7 +220,7 @@ def test_x86_activations_use_7_bits_without_vnni(monkeypatch: pytest.MonkeyPatch
         (lambda: QuantizationConfig(group_size=0), r"`group_size` must be a positive int.*got 0"),
         (lambda: QuantizationConfig(scheme="int4_weight_only", backend="x86"),
          r"`backend`='x86'.*int4.*backend='torchao'"),
-        (lambda: QuantizationConfig(skip=[nn.Linear]), r"`skip` must be a list of fnmatch patterns"),
+        (lambda: QuantizationConfig(exclude=[nn.Linear]), r"`exclude` must be a list of patterns"),
         (lambda: prepare_qat(tiny_bert(), QuantizationConfig(targets=["*nothing*"])),
          r"Nothing to quantize: `targets`=\['\*nothing\*'\].*Candidates: 'bert.encoder"),
         (lambda: prepare_qat(tiny_bert(), QuantizationConfig(scheme="int8_int4", group_size=48, backend="torchao")),

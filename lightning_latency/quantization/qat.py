@@ -14,12 +14,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from lightning_latency.quantization.config import (
-    QuantizationConfig,
-    Scheme,
-    convert_base_config,
-    fake_quantize_configs,
-)
+from lightning_latency.quantization.config import QuantizationConfig, Scheme
+from lightning_latency.quantization.presets import _is_torchao_config, convert_config, prepare_config
 from lightning_latency.quantization.targets import check_group_size, select_modules
 
 
@@ -58,15 +54,51 @@ def is_frozen(model: nn.Module) -> bool:
 
 
 def _as_config(config: Any) -> QuantizationConfig:
-    """``config`` as a :class:`QuantizationConfig`: None gives the default, a scheme string its preset."""
+    """``config`` as a :class:`QuantizationConfig`: None gives the default, a scheme name or torchao config its own."""
     if config is None:
         return QuantizationConfig()
-    if isinstance(config, (str, Scheme)):
+    if isinstance(config, (str, Scheme)) or _is_torchao_config(config):
         return QuantizationConfig(scheme=config)
     if not isinstance(config, QuantizationConfig):
-        raise TypeError(f"`config` must be a QuantizationConfig, a scheme name such as 'int8_dynamic', or None, "
-                        f"got {type(config).__name__} {config!r:.80}. E.g. QuantizationConfig(scheme='int8_dynamic').")
+        raise TypeError(f"`config` must be a QuantizationConfig, a scheme name such as 'int8_dynamic', a torchao "
+                        f"AOBaseConfig or None, got {type(config).__name__} {config!r:.80}. E.g. "
+                        f"QuantizationConfig(scheme='int8_dynamic').")
     return config
+
+
+def _torchao_prepare(model: nn.Module, config: QuantizationConfig, names: set[str], embedding: bool = False) -> None:
+    """Fake-quantize the modules ``names`` of ``model``; a torchao config QATConfig cannot prepare names the fix."""
+    from torchao.quantization import quantize_
+
+    kind = nn.Embedding if embedding else nn.Linear
+    try:
+        quantize_(model, prepare_config(config, embedding), filter_fn=lambda m, n: n in names and isinstance(m, kind))
+    except (ValueError, AssertionError, NotImplementedError) as err:
+        if config.preset is not None:
+            raise
+        raise ValueError(
+            f"`scheme`={config.scheme_name} cannot be fake-quantized by torchao's QATConfig(base_config, "
+            f"step='prepare') ({err}). Pass a config it infers (IntxWeightOnlyConfig, "
+            f"Int8DynamicActivationIntxWeightConfig, Int4WeightOnlyConfig, Float8DynamicActivationFloat8WeightConfig, "
+            f"or per-row Int8DynamicActivationInt8WeightConfig / Int8WeightOnlyConfig), or a scheme name such as "
+            f"'int8_dynamic'."
+        ) from err
+
+
+def check_qat(model: nn.Module, config: QuantizationConfig | None = None) -> dict[str, nn.Module]:
+    """Everything :func:`prepare_qat` would refuse, found without changing ``model``: returns the selected modules.
+
+    Raises:
+        ValueError: nothing matched; a group size that does not divide a layer; a torchao config that
+            ``QATConfig`` cannot prepare (tried on a copy of one selected layer).
+    """
+    config = _as_config(config)
+    selected = select_modules(model, config)
+    check_group_size(selected, config)
+    if config.preset is None:
+        module = next(iter(selected.values()))
+        _torchao_prepare(nn.ModuleDict({"probe": copy.deepcopy(module)}), config, {"probe"})
+    return selected
 
 
 def prepare_qat(model: nn.Module, config: QuantizationConfig | None = None) -> list[str]:
@@ -92,9 +124,6 @@ def prepare_qat(model: nn.Module, config: QuantizationConfig | None = None) -> l
         train(model)
         convert_qat(model)
     """
-    from torchao.quantization import quantize_
-    from torchao.quantization.qat import QATConfig
-
     config = _as_config(config)
     if is_converted(model):
         raise ValueError(
@@ -106,13 +135,9 @@ def prepare_qat(model: nn.Module, config: QuantizationConfig | None = None) -> l
     check_group_size(selected, config)
     todo = {n for n, m in selected.items() if not is_fake_quantized(m)}
     if todo:
-        act, weight = fake_quantize_configs(config)
-        _, emb_weight = fake_quantize_configs(config, embedding=True)
-        quantize_(model, QATConfig(activation_config=act, weight_config=weight, step="prepare"),
-                  filter_fn=lambda m, n: n in todo and isinstance(m, nn.Linear))
+        _torchao_prepare(model, config, todo)
         if config.include_embeddings:
-            quantize_(model, QATConfig(weight_config=emb_weight, step="prepare"),
-                      filter_fn=lambda m, n: n in todo and isinstance(m, nn.Embedding))
+            _torchao_prepare(model, config, todo, embedding=True)
     return list(selected)
 
 
@@ -166,9 +191,7 @@ def convert_qat(model: nn.Module, config: QuantizationConfig | None = None) -> l
     Raises:
         ValueError: the model has no fake-quantized modules (call :func:`prepare_qat` first).
     """
-    from torchao.quantization import IntxWeightOnlyConfig, quantize_
-    from torchao.quantization.granularity import PerAxis, PerGroup
-    from torchao.quantization.qat import QATConfig
+    from torchao.quantization import quantize_
 
     config = _as_config(config)
     modules = fake_quantized_modules(model)
@@ -180,12 +203,9 @@ def convert_qat(model: nn.Module, config: QuantizationConfig | None = None) -> l
     _snap_frozen_weights(model)
     linears = {n for n, m in modules.items() if isinstance(m, nn.Linear)}
     embeddings = set(modules) - linears
-    quantize_(model, QATConfig(convert_base_config(config), step="convert"), filter_fn=lambda m, n: n in linears)
+    quantize_(model, convert_config(config), filter_fn=lambda m, n: n in linears)
     if embeddings:
-        granularity = PerGroup(config.group_size) if config.scheme.uses_groups else PerAxis(0)
-        dtype = torch.int4 if config.scheme.uses_groups else torch.int8
-        quantize_(model, QATConfig(IntxWeightOnlyConfig(weight_dtype=dtype, granularity=granularity), step="convert"),
-                  filter_fn=lambda m, n: n in embeddings)
+        quantize_(model, convert_config(config, embedding=True), filter_fn=lambda m, n: n in embeddings)
     return sorted(modules, key=list(dict(model.named_modules())).index)
 
 
@@ -244,6 +264,7 @@ def weight_qparams(model: nn.Module) -> dict[str, torch.Tensor]:
 
 __all__ = [
     "Scheme",
+    "check_qat",
     "convert_qat",
     "converted_modules",
     "fake_quantized_modules",
