@@ -62,6 +62,79 @@ def test_exclude_and_targets_are_overridable_by_name_and_type() -> None:
     assert "classifier" in prepare_qat(tiny_bert(), QuantizationConfig(exclude=[]))
 
 
+def test_patterns_are_fnmatch_on_name_or_class_or_regex() -> None:
+    dense = prepare_qat(tiny_bert(), QuantizationConfig(targets=["*dense*"]))
+    regex = prepare_qat(tiny_bert(), QuantizationConfig(targets=[r"re:layer\.0\..*dense$"]))
+    assert dense and all("dense" in n for n in dense)
+    assert regex and set(regex) < set(dense) and all(".layer.0." in n and n.endswith("dense") for n in regex)
+    excluded = prepare_qat(tiny_bert(), QuantizationConfig(exclude=["re:attention", "*classifier*"]))
+    assert excluded and not any("attention" in n for n in excluded)
+    with pytest.raises(ValueError, match=r"`exclude` entry 're:\(' is not a valid regular expression"):
+        QuantizationConfig(exclude=["re:("])
+
+
+def test_skip_is_the_deprecated_name_of_exclude() -> None:
+    from lightning_latency._deprecation import LightningLatencyDeprecationWarning
+
+    with pytest.warns(LightningLatencyDeprecationWarning, match=r"QuantizationConfig\(`skip`=.*`exclude=\['\*pooler\*'\]`"):
+        config = QuantizationConfig(skip=["*pooler*"])
+    assert config.exclude == ["*pooler*"] and config.exclude_patterns == config.skip_patterns == ("*pooler*",)
+    assert "bert.pooler.dense" not in prepare_qat(tiny_bert(), config)
+    with pytest.raises(ValueError, match=r"pass `exclude` only; `skip` is its deprecated name"):
+        QuantizationConfig(skip=["*a*"], exclude=["*b*"])
+
+
+def _ao_configs() -> list:
+    from torchao.quantization import Int8DynamicActivationInt8WeightConfig, IntxWeightOnlyConfig
+    from torchao.quantization.granularity import PerGroup
+    from torchao.quantization.quant_primitives import MappingType
+
+    return [IntxWeightOnlyConfig(weight_dtype=torch.int4, granularity=PerGroup(32)),
+            Int8DynamicActivationInt8WeightConfig(act_mapping_type=MappingType.ASYMMETRIC)]
+
+
+@pytest.mark.parametrize("index", [0, 1], ids=["intx_int4_g32", "int8_dynamic_asym"])
+def test_torchao_config_as_scheme_converts_to_the_fake_quant_function(index: int) -> None:
+    base = _ao_configs()[index]
+    config = QuantizationConfig(scheme=base)
+    assert config.backend.value == "torchao" and config.scheme is base
+    assert config.weight_group_size == (32 if index == 0 else None)
+    model = tiny_bert().eval()
+    inputs = _inputs()
+    with torch.no_grad():
+        float_out = model(**inputs).logits
+    names = prepare_qat(model, base)  # a bare torchao config works as `config` too
+    with torch.no_grad():
+        fake = model(**inputs).logits
+    assert len(names) == 13 and not torch.equal(fake, float_out)
+    with torch.no_grad():
+        convert_qat(model, config)
+        real = model(**inputs).logits
+    assert type(model.bert.pooler.dense.weight).__name__ == ("IntxUnpackedToInt8Tensor" if index == 0 else "Int8Tensor")
+    torch.testing.assert_close(real, fake, atol=_real_vs_fake_atol(fake, float_out, int8_activations=index == 1),
+                               rtol=0)
+
+
+def test_torchao_config_problems_name_the_fix() -> None:
+    from torchao.quantization import Int8DynamicActivationInt8WeightConfig
+    from torchao.quantization.granularity import PerTensor
+
+    from lightning_latency.quantization import check_qat
+
+    per_tensor = Int8DynamicActivationInt8WeightConfig(granularity=PerTensor())
+    model = tiny_bert()
+    with pytest.raises(ValueError, match=r"`scheme`=Int8DynamicActivationInt8WeightConfig.*cannot be fake-quantized"
+                                         r".*IntxWeightOnlyConfig"):
+        check_qat(model, QuantizationConfig(scheme=per_tensor))
+    assert not fake_quantized_modules(model)  # found on a copy of one layer
+    with pytest.raises(ValueError, match=r"`backend`='x86' runs int8 per-channel weights only.*backend='torchao'"):
+        QuantizationConfig(scheme=_ao_configs()[0], backend="x86")
+    with pytest.raises(ValueError, match=r"`include_embeddings`=True needs a scheme name"):
+        QuantizationConfig(scheme=_ao_configs()[0], include_embeddings=True)
+    with pytest.warns(UserWarning, match=r"fake-quantizes per-token activations only asymmetric"):
+        QuantizationConfig(scheme=Int8DynamicActivationInt8WeightConfig())
+
+
 def test_prepare_is_idempotent_and_shares_parameters() -> None:
     model = tiny_bert()
     weight = model.bert.encoder.layer[0].intermediate.dense.weight
