@@ -1,11 +1,8 @@
 """``QuantizationAwareTraining``: the thin Lightning callback over :class:`~.controller.QATController`.
 
-The controller holds the run's state and does the work; this file maps Lightning hooks to it and logs. Lightning
-1.x's QAT callback was removed because it wrapped ``forward`` (#7926/#15862), could not load a converted checkpoint
-for ``test`` (#12896) and could not ``fit`` twice (#7427). Here nothing wraps ``forward`` (linears are swapped for
-torchao fake-quantized linears sharing the same Parameters); the controller's load pre-hook on the target,
-registered in ``setup`` (which Lightning runs before it restores weights), brings a fresh model into the
-checkpoint's form; a second ``fit`` on a converted model dequantizes it and trains again (with a warning).
+The controller holds the run's state and does the work; this file maps Lightning hooks to it and logs. Unlike
+Lightning 1.x's removed QAT callback nothing wraps ``forward`` (#7926), a converted checkpoint loads for ``test``
+(#12896: the load pre-hook registered in ``setup`` shapes a fresh model first), ``fit`` runs twice (#7427).
 """
 
 from __future__ import annotations
@@ -28,10 +25,9 @@ class QuantizationAwareTraining(CompressionCallback):
     """Quantization-aware training with torchao: fake-quantize from a given step, optionally freeze ranges, convert.
 
     Args:
-        scheme: a preset name — ``"int8_dynamic"`` (int8 per-token activations + int8 per-channel weights; CPU /
-            encoder default), ``"int8_int4"`` (int4 per-group weights; LLM default), ``"int8_weight_only"``,
-            ``"int4_weight_only"`` — or a torchao ``AOBaseConfig`` (e.g. ``IntxWeightOnlyConfig(weight_dtype=
-            torch.int4, granularity=PerGroup(32))``), prepared and converted through torchao's ``QATConfig``.
+        scheme: a preset — ``"int8_dynamic"`` (int8 per-token activations + int8 per-channel weights; CPU default),
+            ``"int8_int4"`` (int4 per-group weights; LLM default), ``"int8_weight_only"``, ``"int4_weight_only"`` —
+            or a torchao ``AOBaseConfig`` (e.g. ``IntxWeightOnlyConfig(...)``), run through torchao's ``QATConfig``.
         group_size: group size of the int4 presets; must divide each targeted layer's ``in_features``.
         targets: patterns (fnmatch on module or class names, ``"re:<regex>"``) to quantize; None: every linear.
         exclude: patterns never quantized; None: embeddings, ``lm_head``, classifier heads, layer norms.
@@ -48,20 +44,18 @@ class QuantizationAwareTraining(CompressionCallback):
             when defined (a ``DistillationModule``'s student), else the module. Names in patterns are relative to it.
         skip: deprecated name of ``exclude``.
 
-    Logged: hyperparameters ``qat/scheme``, ``qat/exclude``, …, ``qat/modules``; metrics ``qat/num_quantized_modules``,
-    ``qat/weight_rel_error`` (mean over modules of ‖Q(W) − W‖/‖W‖), ``qat/weight_rel_error_max``, ``qat/frozen``,
-    ``qat/converted``.
+    Logged: hyperparameters ``qat/<config field>``, ``qat/modules``; metrics ``qat/num_quantized_modules``,
+    ``qat/weight_rel_error`` (mean ‖Q(W) − W‖/‖W‖), ``qat/weight_rel_error_max``, ``qat/frozen``, ``qat/converted``.
 
     Raises:
-        ValueError: unknown scheme/backend, bad group size, negative or conflicting steps, ``freeze_step`` not after
-            ``start_step``; in ``setup`` (as MisconfigurationException): targets that match nothing, a group size
-            that does not divide a layer, a torchao config ``QATConfig`` cannot prepare.
+        ValueError: unknown scheme/backend, bad group size or patterns, negative or conflicting steps; in ``setup``
+            (as MisconfigurationException): targets matching nothing, a group size not dividing a layer, a torchao
+            config ``QATConfig`` cannot prepare.
 
     Example::
 
         trainer = Trainer(callbacks=[QuantizationAwareTraining(scheme="int8_dynamic", start_step=100)])
-        trainer.fit(module)              # module's linears now hold int8 weights
-        trainer.save_checkpoint("qat.ckpt")
+        trainer.fit(module)              # module's linears now hold int8 weights; then trainer.save_checkpoint(...)
         Trainer(callbacks=[QuantizationAwareTraining()]).test(fresh_module, ckpt_path="qat.ckpt")
     """
 
@@ -127,8 +121,8 @@ class QuantizationAwareTraining(CompressionCallback):
             self.warn(f"the model was already converted ({len(names)} quantized modules); fitting again trains their "
                       f"dequantized values with fake quantization and converts again at the end. Pass "
                       f"convert_on_fit_end=False to keep the float master weights between fits.")
-        if fit:  # before the optimizer is built and before DDP wraps the model (both happen after `setup`)
-            self._sync(trainer, target)
+        if fit:
+            self._sync(trainer, target)  # before the optimizer is built and DDP wraps the model (both after setup)
 
     def _sync(self, trainer: Trainer, target: nn.Module, resumed: bool = False) -> None:
         entered = self.controller.sync(target, trainer.global_step, trainer.current_epoch)
@@ -176,10 +170,9 @@ class QuantizationAwareTraining(CompressionCallback):
             return
         if is_spawned(trainer):
             self.warn("not converting at fit end under a spawn-based strategy (ddp_spawn): Lightning returns the "
-                      "weights to the main process through torch.load with a callable map_location, which cannot "
-                      "carry torchao int8 tensors. The main process gets the QAT-trained float weights: call "
-                      "`callback.convert(model)` there (or deploy(model, ...)), or use strategy='ddp' to convert in "
-                      "place.")
+                      "weights to the main process through torch.load with a callable map_location, which cannot carry "
+                      "torchao int8 tensors. The main process gets the QAT-trained float weights: call "
+                      "`callback.convert(model)` there (or deploy(model, ...)), or use strategy='ddp'.")
             return
         self.convert(pl_module, trainer)
 
@@ -192,9 +185,7 @@ class QuantizationAwareTraining(CompressionCallback):
 
     @override
     def on_save_checkpoint(self, trainer: Trainer, pl_module: LightningModule, checkpoint: dict[str, Any]) -> None:
-        if "state_dict" in checkpoint:
-            target = self.target(pl_module)
-            self.controller.save_into(checkpoint["state_dict"], target_prefix(pl_module, target))
+        self.controller.save_into(checkpoint["state_dict"], target_prefix(pl_module, self.target(pl_module)))
 
     @override
     def state_dict(self) -> dict[str, Any]:

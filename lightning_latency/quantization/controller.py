@@ -54,15 +54,15 @@ _FROZEN_SCALE = "weight_fake_quantizer.scale"
 class Phase(str, Enum):
     """Where a model is in quantization-aware training (it only moves forward, except for a second ``fit``)."""
 
-    FLOAT = "float"
-    PREPARED = "prepared"
-    FROZEN = "frozen"
-    CONVERTED = "converted"
-
     @property
     def in_qat(self) -> bool:
         """Fake-quantized and training (prepared or frozen)."""
         return self in (Phase.PREPARED, Phase.FROZEN)
+
+    FLOAT = "float"
+    PREPARED = "prepared"
+    FROZEN = "frozen"
+    CONVERTED = "converted"
 
 
 def phase_of(model: nn.Module) -> Phase:
