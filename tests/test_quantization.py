@@ -133,6 +133,12 @@ def test_torchao_config_problems_name_the_fix() -> None:
         QuantizationConfig(scheme=_ao_configs()[0], include_embeddings=True)
     with pytest.warns(UserWarning, match=r"fake-quantizes per-token activations only asymmetric"):
         QuantizationConfig(scheme=Int8DynamicActivationInt8WeightConfig())
+    from torchao.quantization import Int4WeightOnlyConfig
+
+    int4_tensor_core = QuantizationConfig(scheme=Int4WeightOnlyConfig(group_size=32))  # not an Intx fake quantizer
+    check_qat(model, int4_tensor_core)  # it prepares ...
+    with pytest.raises(ValueError, match=r"`freeze_step`: the weight fake quantizer .* Pass freeze_step=None"):
+        check_qat(model, int4_tensor_core, freeze=True)  # ... but its ranges cannot be frozen
 
 
 def test_prepare_is_idempotent_and_shares_parameters() -> None:
@@ -206,9 +212,13 @@ def test_embedding_qat_converts() -> None:
 def test_freeze_ranges_fixes_the_weight_grid_and_is_saved() -> None:
     model = tiny_bert()
     prepare_qat(model)
+    layer = model.bert.encoder.layer[0].intermediate.dense
+    x = torch.randn(2, layer.in_features)
+    dynamic = layer(x)
     frozen = freeze_ranges(model)
     assert frozen and is_frozen(model) and freeze_ranges(model) == []
-    layer = model.bert.encoder.layer[0].intermediate.dense
+    assert type(layer.weight_fake_quantizer).__name__ == "FrozenWeightFakeQuantizer"
+    torch.testing.assert_close(layer(x), dynamic, atol=0, rtol=0)  # the grid torchao computed, bit for bit
     scale = layer.weight_fake_quantizer.scale.clone()
     with torch.no_grad():
         layer.weight.mul_(3.0)

@@ -147,9 +147,9 @@ class QATController:
 
     # ------------------------------------------------------------------ verbs
     def check(self, model: nn.Module) -> None:
-        """Raise now what preparing a float ``model`` would raise later (targets matching nothing, group size)."""
+        """Raise now what preparing (and freezing) a float ``model`` would raise later: targets matching nothing, …"""
         if phase_of(model) is Phase.FLOAT:
-            check_qat(model, self.config)
+            check_qat(model, self.config, freeze=self.freeze_step is not None)
 
     def attach(self, model: nn.Module) -> Phase:
         """Read ``model``'s phase (a new model, or one changed outside this controller); returns it."""
