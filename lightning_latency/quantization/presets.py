@@ -148,7 +148,6 @@ def _is_torchao_config(value: Any) -> bool:
     return isinstance(value, AOBaseConfig)
 
 
-
 def _torchao_gap(base: Any) -> Preset | None:
     """The preset whose fake quantizers simulate ``base`` where torchao 0.18's ``QATConfig`` cannot infer them.
 
