@@ -203,6 +203,20 @@ def test_test_ckpt_path_after_conversion(tmp_path: Path) -> None:
     assert got == pytest.approx(expected, abs=1e-6)
 
 
+def test_checkpoint_entry_of_a_submodule_target_sits_under_its_prefix(tmp_path: Path) -> None:
+    module = QATModule()
+    trainer = _fit(tmp_path, module, [QuantizationAwareTraining(model_attr="model", freeze_step=1)], max_steps=2)
+    ckpt = tmp_path / "sub.ckpt"
+    trainer.save_checkpoint(ckpt)
+    state = torch.load(ckpt, weights_only=True)["state_dict"]
+    assert state[f"model.{RESERVED_KEY}"]["phase"] == "converted" and RESERVED_KEY not in state
+    expected = trainer.test(module, verbose=False)[0]["test_loss"]
+    fresh = QATModule()
+    tester = Trainer(callbacks=[QuantizationAwareTraining(model_attr="model")], **trainer_kwargs(tmp_path / "t"))
+    assert tester.test(fresh, ckpt_path=ckpt, verbose=False)[0]["test_loss"] == pytest.approx(expected, abs=1e-6)
+    assert is_converted(fresh.model)
+
+
 def test_test_ckpt_path_last_after_a_qat_fit(tmp_path: Path) -> None:
     from lightning_latency._compat import pl
 
