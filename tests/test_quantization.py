@@ -52,14 +52,93 @@ def test_prepare_llama_skips_lm_head_and_embeddings_unless_asked() -> None:
     assert "model.embed_tokens" in names and "lm_head" not in names
 
 
-def test_skip_and_targets_are_overridable_by_name_and_type() -> None:
+def test_exclude_and_targets_are_overridable_by_name_and_type() -> None:
     model = tiny_bert()
-    names = prepare_qat(model, QuantizationConfig(targets=["*attention*"], skip=["*output.dense"]))
+    names = prepare_qat(model, QuantizationConfig(targets=["*attention*"], exclude=["*output.dense"]))
     assert names and all("attention" in n and not n.endswith("output.dense") for n in names)
     model = tiny_bert()
-    names = prepare_qat(model, QuantizationConfig(skip=["BertIntermediate"]))  # class name of a parent
+    names = prepare_qat(model, QuantizationConfig(exclude=["BertIntermediate"]))  # class name of a parent
     assert names and not any("intermediate" in n for n in names)
-    assert "classifier" in prepare_qat(tiny_bert(), QuantizationConfig(skip=[]))
+    assert "classifier" in prepare_qat(tiny_bert(), QuantizationConfig(exclude=[]))
+
+
+def test_patterns_are_fnmatch_on_name_or_class_or_regex() -> None:
+    dense = prepare_qat(tiny_bert(), QuantizationConfig(targets=["*dense*"]))
+    regex = prepare_qat(tiny_bert(), QuantizationConfig(targets=[r"re:layer\.0\..*dense$"]))
+    assert dense and all("dense" in n for n in dense)
+    assert regex and set(regex) < set(dense) and all(".layer.0." in n and n.endswith("dense") for n in regex)
+    excluded = prepare_qat(tiny_bert(), QuantizationConfig(exclude=["re:attention", "*classifier*"]))
+    assert excluded and not any("attention" in n for n in excluded)
+    with pytest.raises(ValueError, match=r"`exclude` entry 're:\(' is not a valid regular expression"):
+        QuantizationConfig(exclude=["re:("])
+
+
+def test_skip_is_the_deprecated_name_of_exclude() -> None:
+    from lightning_latency._deprecation import LightningLatencyDeprecationWarning
+
+    with pytest.warns(LightningLatencyDeprecationWarning, match=r"QuantizationConfig\(`skip`=.*`exclude=\['\*pooler\*'\]`"):
+        config = QuantizationConfig(skip=["*pooler*"])
+    assert config.exclude == ["*pooler*"] and config.exclude_patterns == config.skip_patterns == ("*pooler*",)
+    assert "bert.pooler.dense" not in prepare_qat(tiny_bert(), config)
+    with pytest.raises(ValueError, match=r"pass `exclude` only; `skip` is its deprecated name"):
+        QuantizationConfig(skip=["*a*"], exclude=["*b*"])
+
+
+def _ao_configs() -> list:
+    from torchao.quantization import Int8DynamicActivationInt8WeightConfig, IntxWeightOnlyConfig
+    from torchao.quantization.granularity import PerGroup
+    from torchao.quantization.quant_primitives import MappingType
+
+    return [IntxWeightOnlyConfig(weight_dtype=torch.int4, granularity=PerGroup(32)),
+            Int8DynamicActivationInt8WeightConfig(act_mapping_type=MappingType.ASYMMETRIC)]
+
+
+@pytest.mark.parametrize("index", [0, 1], ids=["intx_int4_g32", "int8_dynamic_asym"])
+def test_torchao_config_as_scheme_converts_to_the_fake_quant_function(index: int) -> None:
+    base = _ao_configs()[index]
+    config = QuantizationConfig(scheme=base)
+    assert config.backend.value == "torchao" and config.scheme is base
+    assert config.weight_group_size == (32 if index == 0 else None)
+    model = tiny_bert().eval()
+    inputs = _inputs()
+    with torch.no_grad():
+        float_out = model(**inputs).logits
+    names = prepare_qat(model, base)  # a bare torchao config works as `config` too
+    with torch.no_grad():
+        fake = model(**inputs).logits
+    assert len(names) == 13 and not torch.equal(fake, float_out)
+    with torch.no_grad():
+        convert_qat(model, config)
+        real = model(**inputs).logits
+    assert type(model.bert.pooler.dense.weight).__name__ == ("IntxUnpackedToInt8Tensor" if index == 0 else "Int8Tensor")
+    torch.testing.assert_close(real, fake, atol=_real_vs_fake_atol(fake, float_out, int8_activations=index == 1),
+                               rtol=0)
+
+
+def test_torchao_config_problems_name_the_fix() -> None:
+    from torchao.quantization import Int8DynamicActivationInt8WeightConfig
+    from torchao.quantization.granularity import PerTensor
+
+    from lightning_latency.quantization import check_qat
+
+    per_tensor = Int8DynamicActivationInt8WeightConfig(granularity=PerTensor())
+    model = tiny_bert()
+    with pytest.raises(ValueError, match=r"`scheme`=Int8DynamicActivationInt8WeightConfig.*cannot be fake-quantized"
+                                         r".*IntxWeightOnlyConfig"):
+        check_qat(model, QuantizationConfig(scheme=per_tensor))
+    assert not fake_quantized_modules(model)  # found on a copy of one layer
+    with pytest.raises(ValueError, match=r"`backend`='x86' runs int8 per-channel weights only.*backend='torchao'"):
+        QuantizationConfig(scheme=_ao_configs()[0], backend="x86")
+    with pytest.raises(ValueError, match=r"`include_embeddings`=True needs a scheme name"):
+        QuantizationConfig(scheme=_ao_configs()[0], include_embeddings=True)
+    with pytest.warns(UserWarning, match=r"fake-quantizes per-token activations only asymmetric"):
+        QuantizationConfig(scheme=Int8DynamicActivationInt8WeightConfig())
+    from torchao.quantization import Int4WeightOnlyConfig
+
+    int4_tensor_core = QuantizationConfig(scheme=Int4WeightOnlyConfig(group_size=32))  # not an Intx fake quantizer
+    check_qat(model, int4_tensor_core)  # it prepares ...
+    with pytest.raises(ValueError, match=r"`freeze_step`: the weight fake quantizer .* Pass freeze_step=None"):
+        check_qat(model, int4_tensor_core, freeze=True)  # ... but its ranges cannot be frozen
 
 
 def test_prepare_is_idempotent_and_shares_parameters() -> None:
@@ -133,9 +212,13 @@ def test_embedding_qat_converts() -> None:
 def test_freeze_ranges_fixes_the_weight_grid_and_is_saved() -> None:
     model = tiny_bert()
     prepare_qat(model)
+    layer = model.bert.encoder.layer[0].intermediate.dense
+    x = torch.randn(2, layer.in_features)
+    dynamic = layer(x)
     frozen = freeze_ranges(model)
     assert frozen and is_frozen(model) and freeze_ranges(model) == []
-    layer = model.bert.encoder.layer[0].intermediate.dense
+    assert type(layer.weight_fake_quantizer).__name__ == "FrozenWeightFakeQuantizer"
+    torch.testing.assert_close(layer(x), dynamic, atol=0, rtol=0)  # the grid torchao computed, bit for bit
     scale = layer.weight_fake_quantizer.scale.clone()
     with torch.no_grad():
         layer.weight.mul_(3.0)
@@ -220,7 +303,7 @@ def test_x86_activations_use_7_bits_without_vnni(monkeypatch: pytest.MonkeyPatch
         (lambda: QuantizationConfig(group_size=0), r"`group_size` must be a positive int.*got 0"),
         (lambda: QuantizationConfig(scheme="int4_weight_only", backend="x86"),
          r"`backend`='x86'.*int4.*backend='torchao'"),
-        (lambda: QuantizationConfig(skip=[nn.Linear]), r"`skip` must be a list of fnmatch patterns"),
+        (lambda: QuantizationConfig(exclude=[nn.Linear]), r"`exclude` must be a list of patterns"),
         (lambda: prepare_qat(tiny_bert(), QuantizationConfig(targets=["*nothing*"])),
          r"Nothing to quantize: `targets`=\['\*nothing\*'\].*Candidates: 'bert.encoder"),
         (lambda: prepare_qat(tiny_bert(), QuantizationConfig(scheme="int8_int4", group_size=48, backend="torchao")),

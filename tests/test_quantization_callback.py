@@ -12,6 +12,7 @@ from torch.utils.data import DataLoader
 
 from lightning_latency._compat import CallbackBase, Trainer
 from lightning_latency.quantization.callback import QuantizationAwareTraining
+from lightning_latency.quantization.controller import RESERVED_KEY
 from lightning_latency.quantization.qat import (
     converted_modules,
     fake_quantized_modules,
@@ -117,8 +118,9 @@ def test_resume_mid_qat_into_a_fresh_model(tmp_path: Path) -> None:
     trainer = _fit(tmp_path / "b", first, [qat()], max_steps=2)
     ckpt = tmp_path / "mid_qat.ckpt"
     trainer.save_checkpoint(ckpt)
-    saved = torch.load(ckpt, weights_only=False)
+    saved = torch.load(ckpt, weights_only=True)  # plain data only: loadable without trusting the file
     assert any(k.endswith("weight_fake_quantizer.scale") for k in saved["state_dict"])  # frozen ranges are saved
+    assert saved["state_dict"][RESERVED_KEY]["phase"] == "frozen"  # what the load needs, beside the weights
 
     fresh, resumed_cb = QATModule(n=16), qat()  # plain float model, new callback
     resumed = Trainer(callbacks=[resumed_cb], **trainer_kwargs(tmp_path / "c", max_steps=4))
@@ -190,12 +192,29 @@ def test_test_ckpt_path_after_conversion(tmp_path: Path) -> None:
     ckpt = tmp_path / "converted.ckpt"
     trainer.save_checkpoint(ckpt)
     expected = trainer.test(module, verbose=False)[0]["test_loss"]
+    saved = torch.load(ckpt, weights_only=True)
+    entry = saved["state_dict"][RESERVED_KEY]  # the module itself is the target: no prefix
+    assert entry["phase"] == "converted" and len(entry["packed"]) == 13 and "lightning_latency_qat" not in saved
 
     fresh = QATModule()  # float weights, not prepared
     tester = Trainer(callbacks=[QuantizationAwareTraining()], **trainer_kwargs(tmp_path / "t"))
     got = tester.test(fresh, ckpt_path=ckpt, verbose=False)[0]["test_loss"]
     assert is_converted(fresh)
     assert got == pytest.approx(expected, abs=1e-6)
+
+
+def test_checkpoint_entry_of_a_submodule_target_sits_under_its_prefix(tmp_path: Path) -> None:
+    module = QATModule()
+    trainer = _fit(tmp_path, module, [QuantizationAwareTraining(model_attr="model", freeze_step=1)], max_steps=2)
+    ckpt = tmp_path / "sub.ckpt"
+    trainer.save_checkpoint(ckpt)
+    state = torch.load(ckpt, weights_only=True)["state_dict"]
+    assert state[f"model.{RESERVED_KEY}"]["phase"] == "converted" and RESERVED_KEY not in state
+    expected = trainer.test(module, verbose=False)[0]["test_loss"]
+    fresh = QATModule()
+    tester = Trainer(callbacks=[QuantizationAwareTraining(model_attr="model")], **trainer_kwargs(tmp_path / "t"))
+    assert tester.test(fresh, ckpt_path=ckpt, verbose=False)[0]["test_loss"] == pytest.approx(expected, abs=1e-6)
+    assert is_converted(fresh.model)
 
 
 def test_test_ckpt_path_last_after_a_qat_fit(tmp_path: Path) -> None:
@@ -237,6 +256,41 @@ def test_fit_twice(tmp_path: Path) -> None:
     assert keep.model.bert.pooler.dense.weight_fake_quantizer is quantizer  # continued, not re-prepared
 
 
+def test_fit_with_a_torchao_config_converts_to_the_fake_quant_function(tmp_path: Path) -> None:
+    from torchao.quantization import IntxWeightOnlyConfig
+    from torchao.quantization.granularity import PerGroup
+
+    base = IntxWeightOnlyConfig(weight_dtype=torch.int4, granularity=PerGroup(32))
+    module, qat = QATModule(), QuantizationAwareTraining(scheme=base, convert_on_fit_end=False, log_every_n_steps=1)
+    trainer = _fit(tmp_path, module, [qat], max_steps=3, log_every_n_steps=1)
+    assert qat.deploy_config() is qat.config and qat.config.scheme is base and qat.config.backend.value == "torchao"
+    assert len(qat.quantized) == 13 and is_prepared(module)
+    rows = read_csv_metrics(trainer)
+    errors = [float(r["qat/weight_rel_error"]) for r in rows if r.get("qat/weight_rel_error")]
+    assert errors and all(0.02 < e < 0.3 for e in errors)  # int4 g32: ~10x the int8 error
+    batch = {k: v[:4] for k, v in next(iter(module.train_dataloader())).items() if k != "labels"}
+    module.eval()
+    with torch.no_grad():
+        fake = module.model(**batch).logits
+        qat.convert(module)
+        real = module.model(**batch).logits
+    assert type(module.model.bert.pooler.dense.weight).__name__ == "IntxUnpackedToInt8Tensor"
+    # Weight only: the int4 kernel multiplies by the same dequantized weights the fake quantizer produced, so the
+    # outputs differ only by float accumulation order (logits ~0.1: < 1e-3), far below one int4 step (~1e-2 here).
+    torch.testing.assert_close(real, fake, atol=1e-3, rtol=0)
+
+
+def test_skip_is_the_deprecated_name_of_exclude(tmp_path: Path) -> None:
+    from lightning_latency._deprecation import LightningLatencyDeprecationWarning
+
+    with pytest.warns(LightningLatencyDeprecationWarning, match=r"QuantizationAwareTraining\(`skip`=.*`exclude="):
+        qat = QuantizationAwareTraining(skip=["*pooler*", "*classifier*"], convert_on_fit_end=False)
+    module = QATModule()
+    _fit(tmp_path, module, [qat], max_steps=1)
+    assert qat.config.exclude == ["*pooler*", "*classifier*"] and "model.bert.pooler.dense" not in qat.quantized
+    assert len(qat.quantized) == 12 and not is_prepared(module.model.bert.pooler)
+
+
 def test_composes_with_magnitude_pruning_and_keeps_zeros(tmp_path: Path) -> None:
     from lightning_latency.pruning.callback import MagnitudePruning
 
@@ -263,7 +317,7 @@ def test_cli_recipe_configures_the_callback(tmp_path: Path) -> None:
     assert len(callbacks) == 1
     qat = callbacks[0]
     assert qat.config.scheme.value == "int8_dynamic" and qat.freeze_step == 250 and qat.convert_on_fit_end
-    assert "*classifier*" in qat.config.skip_patterns and cli.trainer.max_steps == 300
+    assert "*classifier*" in qat.config.exclude_patterns and cli.trainer.max_steps == 300
 
 
 @pytest.mark.parametrize(
@@ -302,10 +356,17 @@ class _StepCounter(CallbackBase):
 @pytest.mark.parametrize(("kwargs", "match"), [
     (dict(targets=["*conv*"], start_step=1000), r"QuantizationAwareTraining: Nothing to quantize.*\*conv\*"),
     (dict(scheme="int8_int4", group_size=48, start_step=1000), r"QuantizationAwareTraining: .*group_size.*48"),
+    (dict(targets=["re:nothing\\.here"], start_step=1000), r"QuantizationAwareTraining: Nothing to quantize.*re:"),
+    (dict(scheme="per_tensor_int8", start_step=1000), r"QuantizationAwareTraining: `scheme`=.*cannot be fake-quant"),
 ])
 def test_qat_problems_are_found_in_setup_not_at_start_step(tmp_path: Path, kwargs: dict[str, Any], match: str) -> None:
     from lightning_latency._compat import MisconfigurationException
 
+    if kwargs.get("scheme") == "per_tensor_int8":  # a torchao config that QATConfig cannot prepare
+        from torchao.quantization import Int8DynamicActivationInt8WeightConfig
+        from torchao.quantization.granularity import PerTensor
+
+        kwargs = {**kwargs, "scheme": Int8DynamicActivationInt8WeightConfig(granularity=PerTensor())}
     module, counter = QATModule(), _StepCounter()
     before = {k: v.clone() for k, v in module.state_dict().items()}
     with pytest.raises(MisconfigurationException, match=match):

@@ -1,7 +1,10 @@
 """Quantization-aware training on torchao, usable with or without Lightning, and its fast CPU deployment form.
 
-* :class:`QuantizationConfig` / :class:`Scheme` — what to fake-quantize and how (``config.py``).
+* :class:`QuantizationConfig` — what to fake-quantize and how (``config.py``); ``scheme`` is a :class:`Scheme`
+  preset (one table, ``presets.py``) or a torchao ``AOBaseConfig``.
 * :func:`prepare_qat`, :func:`freeze_ranges`, :func:`convert_qat`, :func:`weight_error` — the verbs (``qat.py``).
+* :class:`QATController` — one run's state (:class:`Phase`, steps, checkpoint entry) on top of the verbs, without
+  Lightning (``controller.py``).
 * :func:`deploy` — the fast inference form, chosen by measurement with ``backend="auto"`` (``deploy.py``,
   ``choose.py``, the ONNX Runtime backend in ``onnx.py``); :func:`load_deployed` loads its saved artifact.
 * :class:`~lightning_latency.quantization.callback.QuantizationAwareTraining` — the Lightning callback.
@@ -11,8 +14,11 @@ from __future__ import annotations
 
 from typing import Any
 
-from lightning_latency.quantization.config import DEFAULT_SKIP, Backend, QuantizationConfig, Scheme
+from lightning_latency.quantization.config import DEFAULT_EXCLUDE, DEFAULT_SKIP, Backend, QuantizationConfig, Scheme
+from lightning_latency.quantization.controller import RESERVED_KEY, Phase, QATController
+from lightning_latency.quantization.presets import PRESETS, Preset
 from lightning_latency.quantization.qat import (
+    check_qat,
     convert_qat,
     freeze_ranges,
     is_converted,
@@ -40,14 +46,21 @@ def __getattr__(name: str) -> Any:
 
 
 __all__ = [
+    "DEFAULT_EXCLUDE",
     "DEFAULT_SKIP",
+    "PRESETS",
+    "RESERVED_KEY",
     "Backend",
     "DeployReport",
     "DeployedModel",
+    "Phase",
+    "Preset",
+    "QATController",
     "QuantizationAwareTraining",
     "QuantizationConfig",
     "Scheme",
     "auto_candidates",
+    "check_qat",
     "convert_qat",
     "deploy",
     "freeze_ranges",

@@ -1,46 +1,40 @@
-"""What to quantize and how: the :class:`QuantizationConfig` dataclass, the :class:`Scheme` enum and their validation.
+"""What to quantize and how: the :class:`QuantizationConfig` dataclass, the :class:`Backend` enum, their validation.
 
-Everything here is plain data; torchao is imported lazily by the functions that build its configs, so building
-and validating a :class:`QuantizationConfig` is cheap.
+``scheme`` is one of our preset names (a row of ``presets.PRESETS``) or any torchao ``AOBaseConfig`` (e.g.
+``IntxWeightOnlyConfig(weight_dtype=torch.int4, granularity=PerGroup(32))``). Everything here is plain data; torchao
+is imported lazily by the functions that build its configs, so building a :class:`QuantizationConfig` is cheap.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import InitVar, dataclass, field
 from enum import Enum
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
+from lightning_latency._deprecation import renamed
+from lightning_latency.patterns import ModulePattern, compile_patterns
+from lightning_latency.quantization.presets import (
+    PRESETS,
+    Preset,
+    Scheme,
+    _is_torchao_config,
+    _torchao_gap,
+    _torchao_group_size,
+    convert_base_config,
+    convert_config,
+    prepare_config,
+)
 
-class Scheme(str, Enum):
-    """Quantization scheme: what the fake quantizers simulate during training and what ``convert`` produces.
-
-    * ``int8_dynamic``: int8 dynamic per-token (asymmetric) activations + int8 per-channel symmetric weights.
-      The CPU / encoder default; deploys through the x86 PT2E path (:func:`~lightning_latency.quantization.deploy`).
-    * ``int8_int4``: int8 dynamic per-token activations + int4 per-group symmetric weights (LLM default).
-    * ``int8_weight_only``: int8 per-channel symmetric weights, activations stay in floating point.
-    * ``int4_weight_only``: int4 per-group symmetric weights, activations stay in floating point.
-    """
-
-    INT8_DYNAMIC = "int8_dynamic"
-    INT8_INT4 = "int8_int4"
-    INT8_WEIGHT_ONLY = "int8_weight_only"
-    INT4_WEIGHT_ONLY = "int4_weight_only"
-
-    @property
-    def uses_groups(self) -> bool:
-        return self in (Scheme.INT8_INT4, Scheme.INT4_WEIGHT_ONLY)
-
-    @property
-    def quantizes_activations(self) -> bool:
-        return self in (Scheme.INT8_DYNAMIC, Scheme.INT8_INT4)
+if TYPE_CHECKING:
+    from torchao.core.config import AOBaseConfig
 
 
 class Backend(str, Enum):
     """How the converted model is run (see :func:`~lightning_latency.quantization.deploy`).
 
     * ``x86``: PT2E export + x86 inductor quantizer (static int8 activations, int8 per-channel weights) compiled with
-      inductor freezing. CPU only; int8 schemes only. The fast CPU path.
+      inductor freezing. CPU only; int8 per-channel schemes only. The fast CPU path.
     * ``torchao``: torchao quantized tensors (``QATConfig(step="convert")``) under ``torch.compile`` with freezing.
       Any scheme, CPU or CUDA.
     * ``x86_dynamic``: as ``x86`` with dynamic (per-call) int8 activation ranges.
@@ -66,8 +60,8 @@ class Backend(str, Enum):
         return self in (Backend.X86, Backend.X86_DYNAMIC)
 
 
-# Names are matched with fnmatch against both the module's fully qualified name and its class name.
-DEFAULT_SKIP: tuple[str, ...] = (
+# Patterns of lightning_latency.patterns: fnmatch on the qualified name or the class name, "re:" for a regex.
+DEFAULT_EXCLUDE: tuple[str, ...] = (
     "*Embedding*",  # token / position embeddings (class name)
     "*embed*",  # e.g. `embed_tokens`, `word_embeddings`, `wte`-style names
     "*lm_head*",
@@ -77,7 +71,8 @@ DEFAULT_SKIP: tuple[str, ...] = (
     "*LayerNorm*",
     "*RMSNorm*",
 )
-_EMBEDDING_SKIPS = ("*Embedding*", "*embed*")
+DEFAULT_SKIP = DEFAULT_EXCLUDE  # deprecated name, kept one release
+_EMBEDDING_EXCLUDES = ("*Embedding*", "*embed*")
 
 
 def _allowed(enum: type[Enum]) -> str:
@@ -97,126 +92,163 @@ def parse_enum(enum: type[Enum], value: Any, argument: str) -> Any:
         ) from None
 
 
+def _parse_scheme(value: Any) -> Scheme:
+    try:
+        return parse_enum(Scheme, value, "scheme")
+    except ValueError:
+        raise ValueError(
+            f"`scheme` must be one of {_allowed(Scheme)} or a torchao AOBaseConfig (e.g. IntxWeightOnlyConfig("
+            f"weight_dtype=torch.int4, granularity=PerGroup(32))), got {value!r:.80}. For the CPU encoder default "
+            f"pass scheme='int8_dynamic'."
+        ) from None
+
+
+def _check_patterns(value: Any, argument: str) -> tuple[list[str] | None, tuple[ModulePattern, ...]]:
+    if isinstance(value, str):
+        value = [value]
+    if value is not None and (not isinstance(value, (list, tuple)) or not all(isinstance(p, str) for p in value)):
+        raise ValueError(f"`{argument}` must be a list of patterns (fnmatch on the module name or class name, or "
+                         f"'re:<regex>'), got {value!r}. Pass e.g. {argument}=['*classifier*'].")
+    return (None if value is None else list(value)), compile_patterns(value, argument)
+
+
 @dataclass
 class QuantizationConfig:
     """What quantization-aware training fake-quantizes, and what it converts to.
 
     Args:
         scheme: a :class:`Scheme` or its string value (``"int8_dynamic"``, ``"int8_int4"``, ``"int8_weight_only"``,
-            ``"int4_weight_only"``).
-        group_size: group size of the int4 per-group weight schemes; must divide every targeted layer's
-            ``in_features``. Ignored by the per-channel int8 schemes.
-        targets: fnmatch patterns; a module is a candidate if its fully qualified name or class name matches one.
-            None means every ``nn.Linear`` (plus ``nn.Embedding`` with ``include_embeddings``).
-        skip: fnmatch patterns (name or class name) never quantized. None means :data:`DEFAULT_SKIP`
-            (embeddings, ``lm_head``, classifier heads, layer norms); ``[]`` quantizes every target.
-        include_embeddings: also fake-quantize ``nn.Embedding`` weights (weight only) and drop the embedding entries
-            from the default skip list.
-        backend: deployment backend, a :class:`Backend` or its string value (``"x86"`` or ``"torchao"``); None
-            picks ``"x86"`` for the int8 schemes and ``"torchao"`` for the int4 ones.
+            ``"int4_weight_only"``), or a torchao ``AOBaseConfig`` (e.g. ``IntxWeightOnlyConfig(weight_dtype=
+            torch.int4, granularity=PerGroup(32))``): fake-quantized through ``QATConfig(base, step="prepare")``
+            and converted through ``QATConfig(base, step="convert")``.
+        group_size: group size of the int4 per-group presets; must divide every targeted layer's ``in_features``.
+            Ignored by the per-channel presets and by torchao configs (they carry their own granularity).
+        targets: patterns (:mod:`lightning_latency.patterns`: fnmatch on the qualified name or class name,
+            ``"re:<regex>"``); a module is a candidate if one matches. None: every ``nn.Linear`` (plus
+            ``nn.Embedding`` with ``include_embeddings``).
+        exclude: patterns never quantized (a matching parent excludes its children). None means
+            :data:`DEFAULT_EXCLUDE` (embeddings, ``lm_head``, classifier heads, layer norms); ``[]`` quantizes
+            every target.
+        include_embeddings: also fake-quantize ``nn.Embedding`` weights (weight only; presets only) and drop the
+            embedding entries from the default exclude list.
+        backend: deployment backend, a :class:`Backend` or its string value; None picks ``"x86"`` for the int8
+            per-channel presets and ``"torchao"`` otherwise.
+        skip: deprecated name of ``exclude``.
 
     Raises:
-        ValueError: unknown scheme or backend, a non-positive group size, an int4 scheme with the x86 backend.
+        ValueError: unknown scheme or backend, a non-positive group size, a grid the x86 backend cannot run,
+            patterns that are not strings or not valid regular expressions.
 
     Example::
 
-        cfg = QuantizationConfig(scheme="int8_dynamic", skip=["*classifier*", "*pooler*"])
+        cfg = QuantizationConfig(scheme="int8_dynamic", exclude=["*classifier*", "re:pooler"])
         prepare_qat(model, cfg)
     """
 
-    scheme: Scheme | str = Scheme.INT8_DYNAMIC
+    scheme: Scheme | str | AOBaseConfig = Scheme.INT8_DYNAMIC
     group_size: int = 32
     targets: Sequence[str] | None = None
-    skip: Sequence[str] | None = None
+    exclude: Sequence[str] | None = None
     include_embeddings: bool = False
     backend: Backend | str | None = None
-    _resolved_skip: tuple[str, ...] = field(default=(), init=False, repr=False)
+    skip: InitVar[Sequence[str] | None] = None
+    _resolved_exclude: tuple[str, ...] = field(default=(), init=False, repr=False)
+    _target_patterns: tuple[ModulePattern, ...] | None = field(default=None, init=False, repr=False, compare=False)
+    _exclude_patterns: tuple[ModulePattern, ...] = field(default=(), init=False, repr=False, compare=False)
 
-    def __post_init__(self) -> None:
-        self.scheme = parse_enum(Scheme, self.scheme, "scheme")
+    def __post_init__(self, skip: Sequence[str] | None) -> None:
+        self.exclude = renamed("QuantizationConfig", "skip", skip, "exclude", self.exclude, None)
+        if not _is_torchao_config(self.scheme):
+            self.scheme = _parse_scheme(self.scheme)
+        elif self.include_embeddings:
+            raise ValueError(f"`include_embeddings`=True needs a scheme name (e.g. scheme='int8_weight_only'), got the "
+                             f"torchao config {self.scheme_name}. Pass include_embeddings=False, or a scheme name.")
         if self.backend is None:
-            self.backend = Backend.TORCHAO if self.scheme.uses_groups else Backend.X86
+            self.backend = Backend.X86 if self.preset is not None and self.x86_compatible else Backend.TORCHAO
         self.backend = parse_enum(Backend, self.backend, "backend")
         if isinstance(self.group_size, bool) or not isinstance(self.group_size, int) or self.group_size <= 0:
             raise ValueError(
                 f"`group_size` must be a positive int that divides the layers' in_features, got {self.group_size!r}. "
                 f"Pass group_size=32 (or 64, 128)."
             )
-        for name in ("targets", "skip"):
-            value = getattr(self, name)
-            if isinstance(value, str):
-                setattr(self, name, [value])
-            elif value is not None and not all(isinstance(p, str) for p in value):
-                raise ValueError(
-                    f"`{name}` must be a list of fnmatch patterns (strings), got {value!r}. "
-                    f"Pass e.g. {name}=['*classifier*']."
-                )
-        if self.backend.needs_int8_scheme and self.scheme.uses_groups:
+        self.targets, targets = _check_patterns(self.targets, "targets")
+        self._target_patterns = None if self.targets is None else targets
+        self.exclude, _ = _check_patterns(self.exclude, "exclude")
+        if self.backend.needs_int8_scheme and not self.x86_compatible:
+            grid = "an int4 per-group grid" if self.uses_groups else "a grid other than int8 per-channel"
             raise ValueError(
-                f"`backend`={self.backend.value!r} runs int8 per-channel weights only, but `scheme`={self.scheme.value!r} trains an "
-                f"int4 per-group grid. Pass backend='torchao' for int4 schemes, or scheme='int8_dynamic' for the x86 "
-                f"path."
+                f"`backend`={self.backend.value!r} runs int8 per-channel weights only, but `scheme`={self.scheme_name} "
+                f"trains {grid}. Pass backend='torchao', or scheme='int8_dynamic' for the x86 path."
             )
-        skip = tuple(DEFAULT_SKIP if self.skip is None else self.skip)
-        if self.include_embeddings and self.skip is None:
-            skip = tuple(p for p in skip if p not in _EMBEDDING_SKIPS)
-        self._resolved_skip = skip
+        exclude = tuple(DEFAULT_EXCLUDE if self.exclude is None else self.exclude)
+        if self.include_embeddings and self.exclude is None:
+            exclude = tuple(p for p in exclude if p not in _EMBEDDING_EXCLUDES)
+        self._resolved_exclude = exclude
+        self._exclude_patterns = compile_patterns(exclude, "exclude")
+        self._warn_activation_grid()
+
+    def _warn_activation_grid(self) -> None:
+        import warnings
+
+        if self.preset is not None or _torchao_gap(self.scheme) is not PRESETS[Scheme.INT8_DYNAMIC]:
+            return
+        from torchao.quantization.quant_primitives import MappingType
+
+        if self.scheme.act_mapping_type is not MappingType.ASYMMETRIC:
+            warnings.warn(
+                f"`scheme`={self.scheme_name}: torchao 0.18 fake-quantizes per-token activations only asymmetric, so "
+                f"training simulates asymmetric int8 activations and convert rounds them symmetric (a slightly "
+                f"different grid). Pass Int8DynamicActivationInt8WeightConfig(act_mapping_type=MappingType.ASYMMETRIC) "
+                f"to train on the exact grid.", UserWarning, stacklevel=4)
+
+    # ------------------------------------------------------------------ what the scheme means
+    @property
+    def preset(self) -> Preset | None:
+        """The :data:`PRESETS` row of a scheme name; None for a torchao config."""
+        return self.scheme.preset if isinstance(self.scheme, Scheme) else None
+
+    @property
+    def scheme_name(self) -> str:
+        """The preset name, or the torchao config's repr (for logs and ``state_key``)."""
+        return self.scheme.value if isinstance(self.scheme, Scheme) else repr(self.scheme)
+
+    @property
+    def weight_group_size(self) -> int | None:
+        """Group size of a per-group weight grid (every targeted ``in_features`` must be a multiple); else None."""
+        if self.preset is not None:
+            return self.group_size if self.preset.uses_groups else None
+        return _torchao_group_size(self.scheme)
+
+    @property
+    def uses_groups(self) -> bool:
+        return self.weight_group_size is not None
+
+    @property
+    def x86_compatible(self) -> bool:
+        """True when the trained grid is int8 per-channel weights, which the x86 PT2E backends deploy."""
+        return not self.uses_groups if self.preset is not None else _torchao_gap(self.scheme) is not None
+
+    @property
+    def exclude_patterns(self) -> tuple[str, ...]:
+        """The exclude list actually applied (defaults resolved)."""
+        return self._resolved_exclude
 
     @property
     def skip_patterns(self) -> tuple[str, ...]:
-        """The skip list actually applied (defaults resolved)."""
-        return self._resolved_skip
+        """Deprecated alias of :attr:`exclude_patterns`."""
+        return self._resolved_exclude
 
     def to_dict(self) -> dict[str, Any]:
         """Plain values, for logging hyperparameters and for ``state_dict``."""
         return {
-            "scheme": self.scheme.value,
+            "scheme": self.scheme_name,
             "group_size": self.group_size,
             "targets": list(self.targets) if self.targets is not None else None,
-            "skip": list(self.skip_patterns),
+            "exclude": list(self.exclude_patterns),
             "include_embeddings": self.include_embeddings,
             "backend": self.backend.value,
         }
 
 
-def fake_quantize_configs(config: QuantizationConfig, embedding: bool = False) -> tuple[Any, Any]:
-    """The torchao ``(activation_config, weight_config)`` pair simulated during training for ``config.scheme``.
-
-    Embeddings get weight fake quantization only (torchao has no activation fake quantization for them).
-    """
-    import torch
-    from torchao.quantization.qat import IntxFakeQuantizeConfig
-
-    scheme = config.scheme
-    # torchao 0.18 implements per-token activation fake quantization only asymmetric ("Symmetric per token is not
-    # supported yet"), so the int8 activation schemes convert with an asymmetric activation mapping to match.
-    act = IntxFakeQuantizeConfig(torch.int8, "per_token", is_symmetric=False) if scheme.quantizes_activations else None
-    if scheme.uses_groups:
-        weight = IntxFakeQuantizeConfig(torch.int4, group_size=config.group_size, is_symmetric=True)
-    else:
-        weight = IntxFakeQuantizeConfig(torch.int8, "per_channel", is_symmetric=True)
-    return (None if embedding else act), weight
-
-
-def convert_base_config(config: QuantizationConfig) -> Any:
-    """The torchao post-training config applied by ``QATConfig(base, step="convert")`` for ``config.scheme``."""
-    import torch
-    from torchao.quantization import (
-        Int8DynamicActivationInt8WeightConfig,
-        Int8DynamicActivationIntxWeightConfig,
-        Int8WeightOnlyConfig,
-        IntxWeightOnlyConfig,
-    )
-    from torchao.quantization.granularity import PerGroup
-    from torchao.quantization.quant_primitives import MappingType
-
-    scheme = config.scheme
-    # set_inductor_config=False: torchao would otherwise change global inductor settings as a side effect.
-    if scheme is Scheme.INT8_DYNAMIC:
-        return Int8DynamicActivationInt8WeightConfig(act_mapping_type=MappingType.ASYMMETRIC, set_inductor_config=False)
-    if scheme is Scheme.INT8_WEIGHT_ONLY:
-        return Int8WeightOnlyConfig(set_inductor_config=False)
-    if scheme is Scheme.INT8_INT4:
-        return Int8DynamicActivationIntxWeightConfig(weight_dtype=torch.int4,
-                                                     weight_granularity=PerGroup(config.group_size))
-    return IntxWeightOnlyConfig(weight_dtype=torch.int4, granularity=PerGroup(config.group_size))
+__all__ = ["DEFAULT_EXCLUDE", "DEFAULT_SKIP", "PRESETS", "Backend", "Preset", "QuantizationConfig", "Scheme",
+           "convert_base_config", "convert_config", "parse_enum", "prepare_config"]

@@ -257,10 +257,10 @@ def _build(backend: Backend, model: nn.Module, args: tuple, kwargs: dict, names:
     else:
         quantized_names = names
         if backend in (Backend.X86, Backend.X86_DYNAMIC):
-            if config.scheme.uses_groups:
+            if not config.x86_compatible:
                 raise ValueError(
                     f"`backend`={backend.value!r} deploys int8 per-channel weights, but `config.scheme`="
-                    f"{config.scheme.value!r} trained an int4 grid. Pass backend='torchao'.")
+                    f"{config.scheme_name} trained another grid (e.g. int4). Pass backend='torchao'.")
             form = _x86_quantize(_float_copy(model), args, kwargs, names, calibration,
                                  static_activations=backend is Backend.X86)
         elif backend is Backend.TORCHAO:
@@ -316,7 +316,7 @@ def auto_candidates(model: nn.Module, config: QuantizationConfig, cpuinfo: str |
         out.append(Backend.FP32)
         if on_cpu and has_native_bf16(cpuinfo):
             out.append(Backend.BF16)
-    if on_cpu and float_weights and not config.scheme.uses_groups:
+    if on_cpu and float_weights and config.x86_compatible:
         out += [Backend.X86, Backend.X86_DYNAMIC]
     out.append(Backend.TORCHAO)
     if on_cpu and float_weights and find_spec("onnxruntime") is not None and find_spec("onnx") is not None:
@@ -415,10 +415,10 @@ def deploy(
     if isinstance(rounds, bool) or not isinstance(rounds, int) or rounds < 1:
         raise ValueError(f"`rounds` must be an integer >= 1, got {rounds!r}. E.g. rounds=3.")
     _check_cpu(model, backend)
-    if backend.needs_int8_scheme and config.scheme.uses_groups:
+    if backend.needs_int8_scheme and not config.x86_compatible:
         raise ValueError(
-            f"`backend`={backend.value!r} deploys int8 per-channel weights, but `config.scheme`={config.scheme.value!r} "
-            f"trained an int4 grid. Pass backend='torchao'."
+            f"`backend`={backend.value!r} deploys int8 per-channel weights, but `config.scheme`={config.scheme_name} "
+            f"trained another grid (e.g. int4). Pass backend='torchao'."
         )
     if backend in (Backend.ORT, Backend.ORT_INT8):
         require_onnxruntime()

@@ -14,12 +14,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from lightning_latency.quantization.config import (
-    QuantizationConfig,
-    Scheme,
-    convert_base_config,
-    fake_quantize_configs,
-)
+from lightning_latency.quantization.config import QuantizationConfig, Scheme
+from lightning_latency.quantization.presets import _is_torchao_config, convert_config, prepare_config
 from lightning_latency.quantization.targets import check_group_size, select_modules
 
 
@@ -52,21 +48,97 @@ def is_converted(model: nn.Module) -> bool:
     return bool(converted_modules(model))
 
 
+class FrozenWeightFakeQuantizer(nn.Module):
+    """A weight fake quantizer on a fixed grid: what :func:`freeze_ranges` puts in place of torchao's quantizer.
+
+    torchao's ``IntxFakeQuantizer`` recomputes the grid from the weight at every forward. This module keeps the grid
+    it last computed as buffers (``scale``, ``zero_point``: saved in checkpoints, same shapes) and fake-quantizes with
+    PyTorch's ``torch.fake_quantize_per_channel_affine`` (one row per group; a straight-through estimator that passes
+    no gradient to clipped values) — the same values torchao computes for that grid (tested bit for bit). It keeps
+    the torchao quantizer's ``config`` (torchao's convert step reads it) and ``enabled`` flag.
+
+    Args:
+        config: the torchao ``IntxFakeQuantizeConfig`` of the quantizer it replaces (per-channel or per-group).
+        scale: ``(out_features, groups)`` scales; ``zero_point``: the same shape, int32.
+    """
+
+    def __init__(self, config: Any, scale: torch.Tensor, zero_point: torch.Tensor) -> None:
+        super().__init__()
+        bits = _BIT_WIDTH[config.dtype]
+        self.config, self.enabled = config, True
+        self.quant_min, self.quant_max = -(2 ** (bits - 1)), 2 ** (bits - 1) - 1
+        self.register_buffer("scale", scale)
+        self.register_buffer("zero_point", zero_point)
+
+    def forward(self, weight: torch.Tensor) -> torch.Tensor:
+        if not self.enabled:
+            return weight
+        group = weight.shape[-1] // self.scale.shape[-1]
+        rows = weight.reshape(-1, group)
+        out = torch.fake_quantize_per_channel_affine(rows, self.scale.reshape(-1).float(),
+                                                     self.zero_point.reshape(-1).to(torch.int32), 0,
+                                                     self.quant_min, self.quant_max)
+        return out.reshape_as(weight).to(weight.dtype)
+
+
+_BIT_WIDTH = {getattr(torch, f"int{b}"): b for b in range(2, 9)}
+
+
 def is_frozen(model: nn.Module) -> bool:
     """True when the weight fake-quantization ranges have been frozen by :func:`freeze_ranges`."""
-    return any("scale" in m.weight_fake_quantizer._buffers for m in fake_quantized_modules(model).values())
+    return any(isinstance(m.weight_fake_quantizer, FrozenWeightFakeQuantizer)
+               for m in fake_quantized_modules(model).values())
 
 
 def _as_config(config: Any) -> QuantizationConfig:
-    """``config`` as a :class:`QuantizationConfig`: None gives the default, a scheme string its preset."""
+    """``config`` as a :class:`QuantizationConfig`: None gives the default, a scheme name or torchao config its own."""
     if config is None:
         return QuantizationConfig()
-    if isinstance(config, (str, Scheme)):
+    if isinstance(config, (str, Scheme)) or _is_torchao_config(config):
         return QuantizationConfig(scheme=config)
     if not isinstance(config, QuantizationConfig):
-        raise TypeError(f"`config` must be a QuantizationConfig, a scheme name such as 'int8_dynamic', or None, "
-                        f"got {type(config).__name__} {config!r:.80}. E.g. QuantizationConfig(scheme='int8_dynamic').")
+        raise TypeError(f"`config` must be a QuantizationConfig, a scheme name such as 'int8_dynamic', a torchao "
+                        f"AOBaseConfig or None, got {type(config).__name__} {config!r:.80}. E.g. "
+                        f"QuantizationConfig(scheme='int8_dynamic').")
     return config
+
+
+def _torchao_prepare(model: nn.Module, config: QuantizationConfig, names: set[str], embedding: bool = False) -> None:
+    """Fake-quantize the modules ``names`` of ``model``; a torchao config QATConfig cannot prepare names the fix."""
+    from torchao.quantization import quantize_
+
+    kind = nn.Embedding if embedding else nn.Linear
+    try:
+        quantize_(model, prepare_config(config, embedding), filter_fn=lambda m, n: n in names and isinstance(m, kind))
+    except (ValueError, AssertionError, NotImplementedError) as err:
+        if config.preset is not None:
+            raise
+        raise ValueError(
+            f"`scheme`={config.scheme_name} cannot be fake-quantized by torchao's QATConfig(base_config, "
+            f"step='prepare') ({err}). Pass a config it infers (IntxWeightOnlyConfig, "
+            f"Int8DynamicActivationIntxWeightConfig, Int4WeightOnlyConfig, Float8DynamicActivationFloat8WeightConfig, "
+            f"or per-row Int8DynamicActivationInt8WeightConfig / Int8WeightOnlyConfig), or a scheme name such as "
+            f"'int8_dynamic'."
+        ) from err
+
+
+def check_qat(model: nn.Module, config: QuantizationConfig | None = None, freeze: bool = False) -> dict[str, nn.Module]:
+    """Everything :func:`prepare_qat` (and, with ``freeze``, :func:`freeze_ranges`) would refuse, found without
+    changing ``model``; returns the selected modules.
+
+    Raises:
+        ValueError: nothing matched; a group size that does not divide a layer; a torchao config that
+            ``QATConfig`` cannot prepare or whose ranges cannot be frozen (tried on a copy of one selected layer).
+    """
+    config = _as_config(config)
+    selected = select_modules(model, config)
+    check_group_size(selected, config)
+    if config.preset is None:
+        probe = nn.ModuleDict({"probe": copy.deepcopy(next(iter(selected.values())))})
+        _torchao_prepare(probe, config, {"probe"})
+        if freeze:
+            freeze_ranges(probe)
+    return selected
 
 
 def prepare_qat(model: nn.Module, config: QuantizationConfig | None = None) -> list[str]:
@@ -92,9 +164,6 @@ def prepare_qat(model: nn.Module, config: QuantizationConfig | None = None) -> l
         train(model)
         convert_qat(model)
     """
-    from torchao.quantization import quantize_
-    from torchao.quantization.qat import QATConfig
-
     config = _as_config(config)
     if is_converted(model):
         raise ValueError(
@@ -106,13 +175,9 @@ def prepare_qat(model: nn.Module, config: QuantizationConfig | None = None) -> l
     check_group_size(selected, config)
     todo = {n for n, m in selected.items() if not is_fake_quantized(m)}
     if todo:
-        act, weight = fake_quantize_configs(config)
-        _, emb_weight = fake_quantize_configs(config, embedding=True)
-        quantize_(model, QATConfig(activation_config=act, weight_config=weight, step="prepare"),
-                  filter_fn=lambda m, n: n in todo and isinstance(m, nn.Linear))
+        _torchao_prepare(model, config, todo)
         if config.include_embeddings:
-            quantize_(model, QATConfig(weight_config=emb_weight, step="prepare"),
-                      filter_fn=lambda m, n: n in todo and isinstance(m, nn.Embedding))
+            _torchao_prepare(model, config, todo, embedding=True)
     return list(selected)
 
 
@@ -121,25 +186,36 @@ def freeze_ranges(model: nn.Module) -> list[str]:
     """Fix the weight fake-quantization scales/zero points at their current values (per module).
 
     Until frozen, torchao recomputes each weight's quantization grid at every forward; frozen, the last steps
-    fine-tune the weights against a fixed grid (as observers are frozen in classic QAT). The frozen scales are
-    registered as buffers, so they are saved in checkpoints (``…weight_fake_quantizer.scale``). Activation ranges
-    are per-token dynamic by design and stay dynamic.
+    fine-tune the weights against a fixed grid (as observers are frozen in classic QAT). Each torchao weight
+    quantizer is replaced by a :class:`FrozenWeightFakeQuantizer` holding that grid as buffers, so checkpoints carry
+    it (``…weight_fake_quantizer.scale`` / ``.zero_point``); torchao's own quantizer objects are not edited.
+    Activation ranges are per-token dynamic by design and stay dynamic.
 
     Returns:
         Names of the modules frozen by this call.
+
+    Raises:
+        ValueError: a weight quantizer that is not integer per-channel / per-group (e.g. a float8 torchao config).
     """
+    from torchao.quantization.granularity import PerAxis, PerGroup
+    from torchao.quantization.quant_primitives import ZeroPointDomain
+
     frozen = []
     for name, module in fake_quantized_modules(model).items():
         q = module.weight_fake_quantizer
-        if "scale" in q._buffers:
+        if isinstance(q, FrozenWeightFakeQuantizer):
             continue
-        q(module.weight)  # computes q.scale / q.zero_point from the current weight
-        scale, zero_point = q.scale.detach().clone(), q.zero_point.detach().clone()
-        q.config = copy.copy(q.config)  # configs may be shared between modules
-        q.config.is_dynamic = False
-        del q.scale, q.zero_point  # plain attributes in torchao 0.18; become buffers so checkpoints carry them
-        q.register_buffer("scale", scale)
-        q.register_buffer("zero_point", zero_point)
+        config = getattr(q, "config", None)
+        if (getattr(config, "dtype", None) not in _BIT_WIDTH or config.range_learning
+                or config.zero_point_domain is not ZeroPointDomain.INT
+                or not isinstance(getattr(config, "granularity", None), (PerAxis, PerGroup))):
+            raise ValueError(
+                f"`freeze_step`: the weight fake quantizer of {name!r} ({type(q).__name__}, {config!r:.100}) is not an "
+                f"integer per-channel / per-group one, whose grid freeze_ranges can fix. Pass freeze_step=None, or an "
+                f"integer scheme (a preset name, IntxWeightOnlyConfig, Int8DynamicActivationIntxWeightConfig).")
+        q(module.weight)  # torchao computes the grid of the current weight into its public `scale` / `zero_point`
+        module.weight_fake_quantizer = FrozenWeightFakeQuantizer(config, q.scale.detach().clone(),
+                                                                 q.zero_point.detach().clone())
         frozen.append(name)
     return frozen
 
@@ -149,7 +225,7 @@ def _snap_frozen_weights(model: nn.Module) -> None:
     with torch.no_grad():
         for module in fake_quantized_modules(model).values():
             q = module.weight_fake_quantizer
-            if "scale" in q._buffers:
+            if isinstance(q, FrozenWeightFakeQuantizer):
                 module.weight.copy_(q(module.weight))
 
 
@@ -166,9 +242,7 @@ def convert_qat(model: nn.Module, config: QuantizationConfig | None = None) -> l
     Raises:
         ValueError: the model has no fake-quantized modules (call :func:`prepare_qat` first).
     """
-    from torchao.quantization import IntxWeightOnlyConfig, quantize_
-    from torchao.quantization.granularity import PerAxis, PerGroup
-    from torchao.quantization.qat import QATConfig
+    from torchao.quantization import quantize_
 
     config = _as_config(config)
     modules = fake_quantized_modules(model)
@@ -180,12 +254,9 @@ def convert_qat(model: nn.Module, config: QuantizationConfig | None = None) -> l
     _snap_frozen_weights(model)
     linears = {n for n, m in modules.items() if isinstance(m, nn.Linear)}
     embeddings = set(modules) - linears
-    quantize_(model, QATConfig(convert_base_config(config), step="convert"), filter_fn=lambda m, n: n in linears)
+    quantize_(model, convert_config(config), filter_fn=lambda m, n: n in linears)
     if embeddings:
-        granularity = PerGroup(config.group_size) if config.scheme.uses_groups else PerAxis(0)
-        dtype = torch.int4 if config.scheme.uses_groups else torch.int8
-        quantize_(model, QATConfig(IntxWeightOnlyConfig(weight_dtype=dtype, granularity=granularity), step="convert"),
-                  filter_fn=lambda m, n: n in embeddings)
+        quantize_(model, convert_config(config, embedding=True), filter_fn=lambda m, n: n in embeddings)
     return sorted(modules, key=list(dict(model.named_modules())).index)
 
 
@@ -243,7 +314,9 @@ def weight_qparams(model: nn.Module) -> dict[str, torch.Tensor]:
 
 
 __all__ = [
+    "FrozenWeightFakeQuantizer",
     "Scheme",
+    "check_qat",
     "convert_qat",
     "converted_modules",
     "fake_quantized_modules",
