@@ -38,6 +38,7 @@ _EXPORTS: dict[str, str] = {
     "KNOWN_PEAKS": "lightning_latency.latency",
     "known_peaks": "lightning_latency.latency",
     "LatencyMonitor": "lightning_latency.latency.callback",
+    "LatencyRecorder": "lightning_latency.latency",
     # pruning
     "PruningConfig": "lightning_latency.pruning",
     "prune_step": "lightning_latency.pruning",
@@ -64,6 +65,8 @@ _EXPORTS: dict[str, str] = {
     "DeployReport": "lightning_latency.quantization",
     "load_deployed": "lightning_latency.quantization",
     "Scheme": "lightning_latency.quantization",
+    "QATController": "lightning_latency.quantization",
+    "Phase": "lightning_latency.quantization",
     "Backend": "lightning_latency.quantization",
     "freeze_ranges": "lightning_latency.quantization",
     "weight_error": "lightning_latency.quantization",

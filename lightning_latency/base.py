@@ -4,6 +4,7 @@ A callback here is thin: its per-run state lives in a core object (a pruner, a Q
 that works without Lightning; the callback maps Lightning hooks to the core's calls. What all of them share lives
 in this base, once:
 
+* **the state** (:attr:`core`): ``state_dict``/``load_state_dict`` are the core object's own;
 * **the target** (:meth:`target`): ``model_attr`` if given, else ``pl_module.compression_target``, else the module;
 * **validation in** ``setup``: the strategy check (:meth:`strategy_problem`) and :meth:`validate`; a ``ValueError``
   raised there becomes a ``MisconfigurationException`` that names the callback, so a bad pattern or argument stops
@@ -54,6 +55,10 @@ class CompressionCallback(CallbackBase):
             ``pl_module.compression_target`` when defined (a ``DistillationModule``: the student), else the module.
     """
 
+    #: The core object that holds this callback's per-run state (a pruner, a QAT controller, a latency recorder);
+    #: ``state_dict``/``load_state_dict`` are its own, so a checkpoint holds exactly what the core needs to resume.
+    core: Any = None
+
     #: True for callbacks that change the model's weights or structure (pruning, QAT): ``LatencyMonitor`` then
     #: times the deployment form at fit end rather than the eager training form.
     compresses: ClassVar[bool] = False
@@ -99,6 +104,15 @@ class CompressionCallback(CallbackBase):
     @override
     def teardown(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         self.remove_hooks()
+
+    @override
+    def state_dict(self) -> dict[str, Any]:
+        return {} if self.core is None else self.core.state_dict()
+
+    @override
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        if self.core is not None:
+            self.core.load_state_dict(state_dict)
 
     # ------------------------------------------------------------------ hooks on the model
     def add_hook(self, handle: Any) -> None:

@@ -83,7 +83,7 @@ class LatencyMonitor(CompressionCallback):
         self.deploy_final = parse_deploy_final(deploy_final)
         config = monitor_config(config, warmup=warmup, min_runs=min_runs, max_time_s=max_time_s, threads=threads,
                                 device=device, compile=compile)
-        self.recorder = LatencyRecorder(config, generation, prompt_len, new_tokens, info=self.info, warn=self.warn)
+        self.core = self.recorder = LatencyRecorder(config, generation, prompt_len, new_tokens, info=self.info, warn=self.warn)
         self.inputs, self._batch_to_inputs = inputs, batch_to_inputs
         self.every_n_val_epochs, self.measure_final = every_n_val_epochs, measure_final
         self.report_file, self.data_parallel = report_file, data_parallel
@@ -147,14 +147,6 @@ class LatencyMonitor(CompressionCallback):
                 logger.save()  # on_fit_end runs after the loop's last flush
             self.recorder.finish(folder / self.report_file if self.report_file else None, model_attr=self.model_attr)
         trainer.strategy.barrier("LatencyMonitor.on_fit_end")
-
-    @override
-    def state_dict(self) -> dict[str, Any]:
-        return self.recorder.state_dict()
-
-    @override
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        self.recorder.load_state_dict(state_dict)
 
     # ------------------------------------------------------------------ helpers
     def _resolve_inputs(self, trainer: Trainer, batch: Any) -> Any:

@@ -70,7 +70,7 @@ class QuantizationAwareTraining(CompressionCallback):
         exclude = renamed("QuantizationAwareTraining", "skip", skip, "exclude", exclude, None)
         config = QuantizationConfig(scheme=scheme, group_size=group_size, targets=targets, exclude=exclude,
                                     include_embeddings=include_embeddings, backend=backend)
-        self.controller = QATController(config, start_step, start_epoch, freeze_step)
+        self.core = self.controller = QATController(config, start_step, start_epoch, freeze_step)
         _non_negative_int("log_every_n_steps", log_every_n_steps, "Pass log_every_n_steps=0 to log only at the ends.")
         self.convert_on_fit_end = bool(convert_on_fit_end)
         self.log_every_n_steps = log_every_n_steps
@@ -186,14 +186,6 @@ class QuantizationAwareTraining(CompressionCallback):
     @override
     def on_save_checkpoint(self, trainer: Trainer, pl_module: LightningModule, checkpoint: dict[str, Any]) -> None:
         self.controller.save_into(checkpoint["state_dict"], target_prefix(pl_module, self.target(pl_module)))
-
-    @override
-    def state_dict(self) -> dict[str, Any]:
-        return self.controller.state_dict()
-
-    @override
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        self.controller.load_state_dict(state_dict)
 
 
 __all__ = ["QuantizationAwareTraining"]
