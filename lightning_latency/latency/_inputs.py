@@ -14,6 +14,9 @@ def resolve_inputs(inputs: Inputs) -> Any:
     """Build callable inputs once; check the form. Returns a tensor, tuple/list or mapping."""
     if callable(inputs) and not isinstance(inputs, torch.Tensor):
         inputs = inputs()
+    if isinstance(inputs, (tuple, list, Mapping)) and len(inputs) == 0:
+        raise ValueError(f"`inputs` is an empty {type(inputs).__name__}: the model would be called with no input. "
+                         f"Pass the example batch, e.g. inputs={{'input_ids': ids}} or inputs=torch.randn(1, 16).")
     if isinstance(inputs, (torch.Tensor, tuple, list, Mapping)):
         return inputs
     raise ValueError(

@@ -72,10 +72,7 @@ class LatencyConfig:
                                          or self.threads < 1):
             raise ValueError(f"`threads` must be None or an integer >= 1, got {self.threads!r}. E.g. threads=1.")
         if self.device is not None:
-            try:
-                torch.device(self.device)
-            except (RuntimeError, TypeError) as err:
-                raise ValueError(f"`device` must name a torch device, got {self.device!r}. E.g. device='cpu'.") from err
+            _check_device(self.device)
         if isinstance(self.unstable_threshold, bool) or not isinstance(self.unstable_threshold, (int, float)):
             raise TypeError(f"`unstable_threshold` must be a number, got {type(self.unstable_threshold).__name__} "
                             f"{self.unstable_threshold!r}. E.g. unstable_threshold=0.1 (10%).")
@@ -103,6 +100,25 @@ class LatencyConfig:
         out = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "clock"}
         out["device"] = str(out["device"]) if out["device"] is not None else None
         return out
+
+
+
+
+def _check_device(device: Any) -> None:
+    """Raise a ValueError naming ``device`` when it is not a device this process can use."""
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError) as err:
+        raise ValueError(f"`device` must name a torch device, got {device!r}. E.g. device='cpu'.") from err
+    if dev.type != "cuda":
+        return
+    if not torch.cuda.is_available():
+        raise ValueError(f"`device`={device!r}, but this PyTorch build or machine has no CUDA device. Pass "
+                         f"device='cpu' (or None to measure where the model is).")
+    count = torch.cuda.device_count()
+    if dev.index is not None and dev.index >= count:
+        raise ValueError(f"`device`={device!r}, but this machine has {count} CUDA device(s) (cuda:0 to "
+                         f"cuda:{count - 1}). Pass one of those.")
 
 
 __all__ = ["LatencyConfig"]
