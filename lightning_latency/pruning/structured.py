@@ -27,6 +27,7 @@ from torch import nn
 from torch_pruning.dependency import Dependency, Group, Node
 
 from lightning_latency.pruning.config import PruningConfig
+from lightning_latency.pruning.targets import effective, entry_matches
 
 _ORIGINAL_ATTR = "_lightning_latency_original_structure"
 
@@ -364,9 +365,9 @@ def prune_structured(model: nn.Module, config: PruningConfig, sparsity: float) -
     Returns the new :func:`structure`. Idempotent at a given sparsity; never grows a layer back.
     """
     attns, mlps = blocks_or_raise(model, config)
-    skip = [re.compile(p) for p in config.exclude]
-    attns = [a for a in attns if not any(p.search(a.name) for p in skip)]
-    mlps = [m for m in mlps if not any(p.search(m.name) for p in skip)]
+    skip = effective(model, config.exclude_patterns, "exclude")
+    attns = [a for a in attns if not any(entry_matches(p, a.name, a.module) for p in skip)]
+    mlps = [m for m in mlps if not any(entry_matches(p, m.name, m.module) for p in skip)]
     original = original_structure(model)
     imp = _importance(config)
     if config.prune_heads:
