@@ -12,7 +12,7 @@ from typing_extensions import override
 from lightning_latency._compat import LightningModule, Trainer
 from lightning_latency.base import CompressionCallback, StrategyKind
 from lightning_latency.pruning.config import PruningConfig
-from lightning_latency.pruning.optim import rebuild_optimizers
+from lightning_latency.pruning.optim import rebuild_optimizers, shape_change_problem
 from lightning_latency.pruning.pruner import Pruner
 from lightning_latency.pruning.schedule import PruningSchedule, schedule_from_arguments
 from lightning_latency.strategies import full_params, is_fsdp
@@ -125,18 +125,7 @@ class MagnitudePruning(CompressionCallback):
     def strategy_problem(self, kind: StrategyKind, pl_module: nn.Module | None = None) -> str | None:
         if not self.pruner.changes_shapes:
             return None
-        if kind == "fsdp":
-            return ("structured pruning (mode='structured') changes parameter shapes, which FSDP's flat parameters "
-                    "cannot follow. Prune the unsharded model before wrapping (prune_step(model, PruningConfig(mode="
-                    "'structured'), sparsity) then fit under FSDP), or run the structured schedule under DDP.")
-        # spawned ranks send the final weights back to the main process's full-size module, where no hook of ours
-        # runs: that load fails on the shrunken shapes unless the module reshapes itself first
-        if pl_module is not None and type(pl_module).load_state_dict is not LightningModule.load_state_dict:
-            return None
-        return ("mode='structured' under a spawned launcher (strategy='ddp_spawn', 'ddp_fork', 'ddp_notebook'): the "
-                "main process cannot take the pruned shapes back. Use strategy='ddp' (or one device), a masked mode, "
-                "or override your LightningModule's load_state_dict to call "
-                "lightning_latency.pruning.reshape_to_state_dict(self, state_dict) first.")
+        return shape_change_problem(kind, pl_module, "structured pruning (mode='structured')")
 
     # ----------------------------------------------------------------------------------------------- hooks
     @override

@@ -24,6 +24,29 @@ def register_reshape_hook(model: nn.Module) -> Any:
     return model.register_load_state_dict_pre_hook(reshape_pre_hook)
 
 
+def shape_change_problem(kind: str, pl_module: nn.Module | None, what: str) -> str | None:
+    """Why a callback that changes parameter shapes (``what`` it does) cannot run under strategy ``kind``, or None.
+
+    FSDP: flat parameters cannot follow shape changes. Spawned launchers (``ddp_spawn``, ``ddp_fork``,
+    ``ddp_notebook``): the ranks send their final weights back to the main process's full-size module, where no
+    hook of ours runs, so that load fails unless the LightningModule overrides ``load_state_dict`` to reshape first.
+    """
+    if kind == "fsdp":
+        return (f"{what} changes parameter shapes, which FSDP's flat parameters cannot follow. Prune the unsharded "
+                f"model before wrapping (prune_step(model, PruningConfig(mode='structured'), sparsity) then fit under "
+                f"FSDP), or run the pruning under DDP.")
+    if kind != "spawn":
+        return None
+    from lightning_latency._compat import LightningModule
+
+    if pl_module is not None and type(pl_module).load_state_dict is not LightningModule.load_state_dict:
+        return None
+    return (f"{what} under a spawned launcher (strategy='ddp_spawn', 'ddp_fork', 'ddp_notebook'): the main process "
+            f"cannot take the pruned shapes back. Use strategy='ddp' (or one device), a masked mode, or override your "
+            f"LightningModule's load_state_dict to call lightning_latency.pruning.reshape_to_state_dict(self, "
+            f"state_dict) first.")
+
+
 def rebuild_optimizers(trainer: Any, pl_module: Any) -> None:
     """Re-create optimizers and LR schedulers over the new (smaller) parameters after a structural step.
 
@@ -50,4 +73,4 @@ def rebuild_optimizers(trainer: Any, pl_module: Any) -> None:
         cfg.scheduler.load_state_dict(state)
 
 
-__all__ = ["rebuild_optimizers", "register_reshape_hook", "reshape_pre_hook"]
+__all__ = ["rebuild_optimizers", "register_reshape_hook", "reshape_pre_hook", "shape_change_problem"]
