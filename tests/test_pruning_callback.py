@@ -317,12 +317,19 @@ def test_ddp_structured_ranks_end_with_identical_shapes_and_weights(tmp_path: Pa
 @pytest.mark.parametrize(("recipe", "mode"), [("pruning.yaml", "unstructured"), ("pruning_structured.yaml",
                                                                                    "structured")])
 def test_cli_recipe_configures_the_callback(recipe: str, mode: str) -> None:
+    import warnings
+
+    from lightning_latency import LightningLatencyDeprecationWarning
+
     cli_module = pytest.importorskip(f"{pl.__name__}.cli")
-    cli = cli_module.LightningCLI(
-        HFModule, run=False, save_config_callback=None,
-        args=["--config", str(ROOT / "callbacks" / recipe), "--trainer.logger=false",
-              "--trainer.enable_progress_bar=false"],
-    )
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        cli = cli_module.LightningCLI(
+            HFModule, run=False, save_config_callback=None,
+            args=["--config", str(ROOT / "callbacks" / recipe), "--trainer.logger=false",
+                  "--trainer.enable_progress_bar=false"],
+        )
+    assert not [w for w in caught if issubclass(w.category, LightningLatencyDeprecationWarning)]  # new names only
     found = [c for c in cli.trainer.callbacks if isinstance(c, MagnitudePruning)]
     assert len(found) == 1 and found[0].config.mode.value == mode
     assert 0 < found[0].schedule.final_sparsity < 1 and found[0].schedule.end > found[0].schedule.start
