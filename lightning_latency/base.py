@@ -58,6 +58,10 @@ class CompressionCallback(CallbackBase):
     #: times the deployment form at fit end rather than the eager training form.
     compresses: ClassVar[bool] = False
 
+    #: The core object holding this callback's per-run state; when set, :meth:`state_dict` /
+    #: :meth:`load_state_dict` are its ``state_dict()`` / ``load_state_dict()`` (checkpoints hold exactly that).
+    core: Any = None
+
     def __init__(self, model_attr: str | None = None) -> None:
         self.model_attr = check_model_attr(model_attr)
         self._handles: list[Any] = []
@@ -99,6 +103,17 @@ class CompressionCallback(CallbackBase):
     @override
     def teardown(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         self.remove_hooks()
+
+    @override
+    def state_dict(self) -> dict[str, Any]:
+        return self.core.state_dict() if self.core is not None else super().state_dict()
+
+    @override
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        if self.core is not None:
+            self.core.load_state_dict(state_dict)
+        else:
+            super().load_state_dict(state_dict)
 
     # ------------------------------------------------------------------ hooks on the model
     def add_hook(self, handle: Any) -> None:

@@ -92,6 +92,7 @@ class LatencyBudgetPruning(CompressionCallback):
                 raise ValueError(f"`{name}` must be an int >= {low}, got {value!r}.")
         self.pruner = BudgetPruner(target_ms, latency_fn or _p50_latency_fn(example_inputs), loss_fn, start_step,
                                    every_n_steps, steps, calibration_batches, fractions, max_fraction)
+        self.core = self.pruner  # checkpoints hold its state_dict (see CompressionCallback.core)
 
     @property
     @override
@@ -149,14 +150,6 @@ class LatencyBudgetPruning(CompressionCallback):
         if measured is not None:
             rebuild_optimizers(trainer, pl_module)
             self.log_metrics(trainer, self.pruner.metrics(model, measured))
-
-    @override
-    def state_dict(self) -> dict[str, Any]:
-        return self.pruner.state_dict()
-
-    @override
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        self.pruner.load_state_dict(state_dict)
 
 
 __all__ = ["LatencyBudgetPruning"]

@@ -83,6 +83,7 @@ class MagnitudePruning(CompressionCallback):
         plan, self.interval = schedule_from_arguments(self.name, initial_sparsity, final_sparsity, schedule, positions,
                                                       start, end, frequency, interval)
         self.pruner = Pruner(config, plan, rewind_to, make_permanent)
+        self.core = self.pruner  # checkpoints hold its state_dict (see CompressionCallback.core)
         self.log_per_layer = log_per_layer
         self._warned = False
 
@@ -163,14 +164,6 @@ class MagnitudePruning(CompressionCallback):
         result = self.pruner.finish(self.target(pl_module), gather=lambda: full_params(trainer))
         self.log_metrics(trainer, result.metrics(self.pruner.sparsity, self.log_per_layer))
         self.info(f"sparsity {result.sparsity:.3f}, params {result.params:,}, non-zero {result.nonzero:,}")
-
-    @override
-    def state_dict(self) -> dict[str, Any]:
-        return self.pruner.state_dict()
-
-    @override
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        self.pruner.load_state_dict(state_dict)
 
     # ----------------------------------------------------------------------------------------------- helpers
     def _maybe_prune(self, trainer: Trainer, pl_module: LightningModule, position: int) -> None:
