@@ -505,3 +505,14 @@ def test_patterns_are_fnmatch_with_re_prefix_and_old_regexes_still_work() -> Non
         "neurons"] == 64
     with pytest.raises(ValueError, match=r"`targets` entry 're:\(' is not a valid regular expression after 're:'"):
         PruningConfig(targets=["re:("])
+
+
+def test_a_structured_shrink_that_does_not_take_is_reported(monkeypatch: Any) -> None:
+    from lightning_latency.pruning import structured
+
+    model = tiny_bert().eval()
+    result = prune_step(model, PruningConfig(mode="structured"), 0.5)
+    assert result.unshrunk == []
+    monkeypatch.setattr(structured, "shrink_mlp", lambda m, keep: None)  # an MLP the pruner fails to shrink
+    result = prune_step(model, PruningConfig(mode="structured", exclude=["*layer.1*"]), 0.75)
+    assert result.unshrunk == ["bert.encoder.layer.0 neurons 64 > 32"]  # layer 1 excluded: not expected to shrink

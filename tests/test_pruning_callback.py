@@ -8,6 +8,7 @@ from typing import Any
 
 import pytest
 import torch
+import torch_pruning as tp
 from torch import nn
 from torch.utils.data import DataLoader
 
@@ -85,6 +86,12 @@ class _PlainMLP(LightningModule):
         (_PlainMLP, MagnitudePruning(mode="structured"), r"mode='structured' does not support _PlainMLP.*found no attention heads"),
         (HFModule, MagnitudePruning(targets=["no_such_layer"]), r"`targets`=\['no_such_layer'\] .*matches no module"),
         (HFModule, MagnitudePruning(targets=["*dense*", "*nope*"]), r"'\*nope\*' matches no module with a weight"),
+        # found in setup, not at the first pruning step (which may be hours later)
+        (HFModule, MagnitudePruning(mode="nm", n=2, m=3, start_step=50), r"N:M pruning needs the input size of .*m=3"),
+        (HFModule, MagnitudePruning(importance=tp.importance.GroupMagnitudeImportance(), start_step=50),
+         r"scores torch-pruning groups, which only structured mode builds"),
+        (HFModule, MagnitudePruning(importance="taylor"), r"importance='taylor' needs gradients.*start_step=1"),
+        (HFModule, MagnitudePruning(importance="taylor", start_epoch=0), r"needs gradients.*start_epoch=1"),
     ],
 )
 def test_setup_rejects_models_it_cannot_prune(tmp_path: Path, module: type, callback: Any, match: str) -> None:
@@ -107,6 +114,11 @@ def test_unstructured_schedule_reaches_target_and_is_logged(tmp_path: Path) -> N
     names = [n for n, _ in resolve_targets(module, callback.config)]
     assert _zero_fraction(module, names) == pytest.approx(0.5, abs=1e-3)
     assert callback.masks == {}  # make_permanent: masks dropped, zeros baked in
+
+
+def test_setup_warns_when_the_schedule_ends_after_max_steps(tmp_path: Path) -> None:
+    with pytest.warns(UserWarning, match=r"`end_step`=10 is after Trainer\(max_steps=2\): the schedule never reaches"):
+        _fit(tmp_path, HFModule(kind="bert"), [MagnitudePruning(start_step=1, end_step=10)], max_steps=2)
 
 
 class _MaskProbe(CallbackBase):

@@ -117,6 +117,10 @@ class MagnitudePruning(CompressionCallback):
         self.pruner.check(target)
         for handle in self.pruner.register_hooks(target):  # Lightning restores the model before the callbacks
             self.add_hook(handle)
+        if self.config.importance == "taylor" and self.schedule.start == 0:
+            raise ValueError(f"importance='taylor' needs gradients, which do not exist yet at the first pruning "
+                             f"position 0 ({self.interval} 0, before any backward). Pass start_{self.interval}=1 or "
+                             f"importance='l2'.")
         max_steps = getattr(trainer, "max_steps", -1)
         if self.interval == "step" and isinstance(max_steps, int) and 0 <= max_steps < self.schedule.end:
             self.warn(f"`end_step`={self.schedule.end} is after Trainer(max_steps={max_steps}): the schedule never "
@@ -174,6 +178,8 @@ class MagnitudePruning(CompressionCallback):
             return
         if self.pruner.changes_shapes:
             rebuild_optimizers(trainer, pl_module)
+        if result.unshrunk:
+            self.warn(f"step {position}: these targeted blocks did not shrink as scheduled: {result.unshrunk}.")
         self.log_metrics(trainer, result.metrics(self.pruner.sparsity, self.log_per_layer))
 
 

@@ -8,8 +8,14 @@ import torch
 from torch import nn
 
 from lightning_latency.pruning.config import PruningConfig, PruningMode, check_sparsity
-from lightning_latency.pruning.masks import apply_masks, compute_masks, mask_sparsity
-from lightning_latency.pruning.structured import blocks_or_raise, original_structure, prune_structured, structure
+from lightning_latency.pruning.masks import apply_masks, check_importance, check_nm, compute_masks, mask_sparsity
+from lightning_latency.pruning.structured import (
+    blocks_or_raise,
+    original_structure,
+    prune_structured,
+    structure,
+    unshrunk_blocks,
+)
 from lightning_latency.pruning.targets import resolve_targets
 
 
@@ -24,6 +30,8 @@ class PruningResult:
             Re-apply with :func:`apply_masks` after every optimizer step.
         structure: ``{block name: {"heads", "kv_heads", "head_dim"} / {"neurons"}}`` after the step (structured).
         params, nonzero: parameters of the model, and those that are not zero, after the step.
+        unshrunk: structured: targeted blocks still larger than the step asked for (``"<block> heads 4 > 2"``);
+            empty when every shrink took.
     """
 
     sparsity: float
@@ -31,6 +39,7 @@ class PruningResult:
     structure: dict[str, dict[str, int]] = field(default_factory=dict)
     params: int = 0
     nonzero: int = 0
+    unshrunk: list[str] = field(default_factory=list)
 
     def metrics(self, scheduled: float | None = None, per_layer: bool = True) -> dict[str, float]:
         """``pruning/sparsity``, ``pruning/params``, ``pruning/nonzero``, ``pruning/target`` (``scheduled``) and, with
@@ -51,6 +60,8 @@ class _Masked:
 
     def check(self, model: nn.Module, config: PruningConfig) -> None:
         resolve_targets(model, config)
+        check_importance(config)
+        check_nm(model, config)
 
     def step(self, model: nn.Module, config: PruningConfig, sparsity: float,
              masks: dict[str, torch.Tensor] | None) -> PruningResult:
@@ -79,7 +90,8 @@ class _Structured:
     def step(self, model: nn.Module, config: PruningConfig, sparsity: float,
              masks: dict[str, torch.Tensor] | None) -> PruningResult:
         shapes = prune_structured(model, config, sparsity)
-        return PruningResult(structured_sparsity(shapes, original_structure(model)), structure=shapes)
+        return PruningResult(structured_sparsity(shapes, original_structure(model)), structure=shapes,
+                             unshrunk=unshrunk_blocks(model, config, sparsity))
 
     def measure(self, model: nn.Module, config: PruningConfig) -> PruningResult:
         shapes = structure(model)

@@ -405,6 +405,24 @@ def prune_structured(model: nn.Module, config: PruningConfig, sparsity: float) -
     return structure(model)
 
 
+def unshrunk_blocks(model: nn.Module, config: PruningConfig, sparsity: float) -> list[str]:
+    """Targeted blocks left larger than ``sparsity`` asks (a shrink that did not take), as ``"<block> heads 4 > 2"``."""
+    attns, mlps = find_blocks(model, convert=False)
+    skip = effective(model, config.exclude_patterns, "exclude")
+    original, cap, out = original_structure(model), config.max_layer_sparsity, []
+    for a in attns if config.prune_heads else ():
+        orig = original.get(a.name, {})
+        h0, kv0 = orig.get("heads", a.num_heads), orig.get("kv_heads", a.num_kv_heads)
+        want = _keep_count(h0, sparsity, cap) if kv0 == h0 else kv0 * _keep_count(h0 // kv0, sparsity, cap)
+        if a.num_heads > want and not any(entry_matches(p, a.name, a.module) for p in skip):
+            out.append(f"{a.name} heads {a.num_heads} > {want}")
+    for m in mlps if config.prune_neurons else ():
+        want = _keep_count(original.get(m.name, {}).get("neurons", m.num_neurons), sparsity, cap)
+        if m.num_neurons > want and not any(entry_matches(p, m.name, m.module) for p in skip):
+            out.append(f"{m.name} neurons {m.num_neurons} > {want}")
+    return out
+
+
 def update_hf_config(model: nn.Module) -> None:
     """Write the (uniform) head count, KV heads, head_dim and MLP width into every HF config of ``model``.
 
