@@ -50,6 +50,8 @@ _EXPORTS: dict[str, str] = {
     "PruningMode": "lightning_latency.pruning",
     "PruningSchedule": "lightning_latency.pruning",
     "PruningResult": "lightning_latency.pruning",
+    "Pruner": "lightning_latency.pruning",
+    "BudgetPruner": "lightning_latency.pruning",
     "apply_masks": "lightning_latency.pruning",
     "reshape_to_state_dict": "lightning_latency.pruning",
     "model_counts": "lightning_latency.pruning",

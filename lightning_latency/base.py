@@ -107,12 +107,14 @@ class CompressionCallback(CallbackBase):
 
     @override
     def state_dict(self) -> dict[str, Any]:
-        return {} if self.core is None else self.core.state_dict()
+        return self.core.state_dict() if self.core is not None else super().state_dict()
 
     @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         if self.core is not None:
             self.core.load_state_dict(state_dict)
+        else:
+            super().load_state_dict(state_dict)
 
     # ------------------------------------------------------------------ hooks on the model
     def add_hook(self, handle: Any) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 import pytest
@@ -173,7 +174,7 @@ def test_structured_removes_the_lowest_magnitude_heads() -> None:
 
 def test_structured_exclude_leaves_named_blocks_whole() -> None:
     model = tiny_llama().eval()
-    prune_step(model, PruningConfig(mode="structured", exclude=[r"layers\.0\."]), 0.5)
+    prune_step(model, PruningConfig(mode="structured", exclude=["*layers.0.*"]), 0.5)
     shapes = structure(model)
     assert shapes["model.layers.0.self_attn"]["heads"] == 4 and shapes["model.layers.0.mlp"]["neurons"] == 128
     assert shapes["model.layers.1.self_attn"]["heads"] == 2 and shapes["model.layers.1.mlp"]["neurons"] == 64
@@ -239,7 +240,7 @@ def test_default_targets_skip_embeddings_norms_and_heads() -> None:
     assert not any(k in n for n in names for k in ("embeddings", "LayerNorm", "classifier", "pooler"))
     gpt2_names = [n for n, _ in resolve_targets(tiny_gpt2(), PruningConfig())]
     assert "lm_head" not in gpt2_names and any(n.endswith("c_attn") for n in gpt2_names)
-    only_mlp = [n for n, _ in resolve_targets(tiny_llama(), PruningConfig(targets=[r"\.mlp\."]))]
+    only_mlp = [n for n, _ in resolve_targets(tiny_llama(), PruningConfig(targets=["*.mlp.*"]))]
     assert only_mlp and all(".mlp." in n for n in only_mlp)
 
 
@@ -415,3 +416,103 @@ def test_load_pruned_names_the_file_and_the_problem_of_a_damaged_folder(tmp_path
 class _Evil:
     def __reduce__(self) -> Any:
         return (print, ("pickle ran",))
+
+
+# ----------------------------------------------------------------------------------------------- Pruner (no Lightning)
+
+
+def test_pruner_runs_a_schedule_in_a_plain_loop_and_resumes_from_its_state() -> None:
+    """The core on a bare nn.Module: masks stay after optimizer steps; a resumed pruner continues identically."""
+    from lightning_latency.pruning.pruner import Pruner
+
+    def run(pruner: Pruner, model: nn.Module, steps: range) -> list[float]:
+        opt = torch.optim.SGD(model.parameters(), lr=0.1)
+        achieved = []
+        for step in steps:
+            model(input_ids=_ids(), labels=torch.tensor([0, 1])).loss.backward()
+            opt.step()
+            opt.zero_grad()
+            pruner.reapply_masks(model)
+            result = pruner.maybe_prune(model, step)
+            if result is not None:
+                achieved.append(result.sparsity)
+                assert result.metrics(pruner.sparsity)["pruning/target"] == pruner.sparsity
+        return achieved
+
+    config, schedule = PruningConfig(targets=["*dense*"]), PruningSchedule(0.0, 0.6, start=1, end=5, frequency=2)
+    model, pruner = tiny_bert(), Pruner(config, schedule, make_permanent=False)
+    pruner.check(model)
+    assert run(pruner, model, range(1, 4)) == pytest.approx([0.0, schedule.sparsity_at(3)], abs=1e-3)
+    state = {k: v for k, v in pruner.state_dict().items()}
+    resumed_model = tiny_bert()
+    resumed_model.load_state_dict(model.state_dict())
+    resumed = Pruner(config, schedule, make_permanent=False)
+    resumed.load_state_dict(state)
+    torch.manual_seed(0)
+    run(pruner, model, range(4, 7))
+    torch.manual_seed(0)
+    run(resumed, resumed_model, range(4, 7))
+    for key, value in model.state_dict().items():
+        torch.testing.assert_close(resumed_model.state_dict()[key], value, rtol=0, atol=0, msg=key)
+    final = pruner.finish(model)
+    assert final.sparsity == pytest.approx(0.6, abs=1e-3) and final.params > final.nonzero
+    assert all(n.endswith("dense") for n in pruner.masks)
+
+
+def test_pruner_structured_reshapes_a_fresh_model_through_its_load_pre_hook() -> None:
+    from lightning_latency.pruning.pruner import Pruner
+
+    pruner = Pruner(PruningConfig(mode="structured"), PruningSchedule(0.0, 0.5, start=0, end=0))
+    model = tiny_llama()
+    pruner.check(model)
+    result = pruner.maybe_prune(model, 0)
+    assert pruner.changes_shapes and result is not None and result.sparsity == pytest.approx(0.5)
+    assert result.metrics()["pruning/heads/model.layers.0.self_attn"] == 2.0
+    assert pruner.maybe_prune(model, 0) is None  # not due twice
+    fresh = tiny_llama()
+    handles = pruner.register_hooks(fresh)
+    fresh.load_state_dict(model.state_dict())
+    assert structure(fresh) == structure(model)
+    for handle in handles:
+        handle.remove()
+    with pytest.raises(ValueError, match="needs a masked mode"):
+        Pruner(PruningConfig(mode="structured"), PruningSchedule(), rewind_to=0)
+
+
+def test_patterns_are_fnmatch_with_re_prefix_and_old_regexes_still_work() -> None:
+    from lightning_latency import LightningLatencyDeprecationWarning
+
+    def names(**kwargs: Any) -> list[str]:
+        return [n for n, _ in resolve_targets(tiny_bert(), PruningConfig(**kwargs))]
+
+    dense = names(targets=["*dense*"])  # raised "not a valid regular expression" before patterns.py
+    assert dense and all("dense" in n for n in dense)
+    assert names(targets=["re:layer\\.0\\..*dense"]) == [n for n in dense if ".layer.0." in n]
+    assert names(targets=["Linear"]) == names(targets=[nn.Linear])  # fnmatch on the class name too
+    assert names(targets=[nn.Linear], exclude=["*attention*"]) == [n for n in names(targets=[nn.Linear])
+                                                                   if "attention" not in n]
+    with pytest.warns(LightningLatencyDeprecationWarning, match=re.escape("Pass 're:(query|key)$' instead")):
+        assert [n.rsplit(".", 1)[1] for n in names(targets=["(query|key)$"])] == ["query", "key"] * 2
+    with pytest.warns(LightningLatencyDeprecationWarning, match=re.escape("Pass 're:intermediate' instead")):
+        assert names(targets=["intermediate"]) == [n for n in dense if "intermediate" in n]  # plain: regex fallback
+    assert names(targets=["bert.encoder.layer.0.output.dense"]) == ["bert.encoder.layer.0.output.dense"]  # exact
+    with pytest.raises(ValueError, match=r"'\*nope\*' matches no module with a weight"):
+        names(targets=["*dense*", "*nope*"])
+    model = tiny_llama().eval()  # structured: an old plain exclude string still names blocks (regex fallback)
+    with pytest.warns(LightningLatencyDeprecationWarning, match=re.escape("Pass 're:layers.0.' instead")):
+        prune_step(model, PruningConfig(mode="structured", exclude=["layers.0."]), 0.5)
+    assert structure(model)["model.layers.0.mlp"]["neurons"] == 128 and structure(model)["model.layers.1.mlp"][
+        "neurons"] == 64
+    with pytest.raises(ValueError, match=r"`targets` entry 're:\(' is not a valid regular expression after 're:'"):
+        PruningConfig(targets=["re:("])
+
+
+def test_a_structured_shrink_that_does_not_take_is_reported(monkeypatch: Any) -> None:
+    from lightning_latency.pruning import structured
+
+    model = tiny_bert().eval()
+    result = prune_step(model, PruningConfig(mode="structured"), 0.5)
+    assert result.unshrunk == []
+    monkeypatch.setattr(structured, "shrink_mlp", lambda m, keep: None)  # an MLP the pruner fails to shrink
+    result = prune_step(model, PruningConfig(mode="structured", exclude=["*layer.1*"]), 0.75)
+    assert result.unshrunk == ["bert.encoder.layer.0 neurons 64 > 32"]  # layer 1 excluded: not expected to shrink

@@ -114,8 +114,12 @@ def test_gqa_units_count_query_heads_per_group() -> None:
         (lambda: LatencyBudgetPruning(target_ms=0, latency_fn=fake_latency), ValueError, r"`target_ms` must be .*got 0"),
         (lambda: LatencyBudgetPruning(target_ms="5"), ValueError, r"`target_ms` must be .*got '5'"),
         (lambda: LatencyBudgetPruning(target_ms=5.0), ValueError, r"needs `example_inputs`.*or a `latency_fn"),
+        (lambda: LatencyBudgetPruning(target_ms=5.0, latency_fn=fake_latency, every_n_steps=0), ValueError,
+         r"`every_n_steps` must be an int >= 1, got 0"),
         (lambda: LatencyBudgetPruning(target_ms=5.0, latency_fn=fake_latency, frequency=0), ValueError,
-         r"`frequency` must be an int >= 1, got 0"),
+         r"`every_n_steps` must be an int >= 1, got 0"),  # the deprecated name maps onto the new one
+        (lambda: LatencyBudgetPruning(target_ms=5.0, latency_fn=fake_latency, start=1, start_step=2), ValueError,
+         r"pass `start_step` only; `start` is its deprecated name"),
         (lambda: LatencyBudgetPruning(target_ms=5.0, latency_fn="fast"), ValueError, r"`latency_fn` must be callable"),
     ],
 )
@@ -134,12 +138,12 @@ def test_callback_stops_at_the_budget_and_logs(tmp_path: Path) -> None:
     module = HFModule(kind="bert")
     dense = fake_latency(module.model)
     target = 0.55 * dense
-    budget = LatencyBudgetPruning(target_ms=target, latency_fn=fake_latency, start=2, frequency=2, steps=3,
-                                  calibration_batches=2)
+    budget = LatencyBudgetPruning(target_ms=target, latency_fn=fake_latency, start_step=2, every_n_steps=2,
+                                  steps=3, calibration_batches=2)
     trainer = _run(tmp_path, module, [budget], max_steps=10)
     assert budget.measured_ms is not None and budget.measured_ms <= target
     assert fake_latency(module.model) == pytest.approx(budget.measured_ms)
-    assert budget._done and 0 < len(budget.allocation) <= len(budget._plan)
+    assert budget.pruner.done and 0 < len(budget.allocation) <= len(budget.pruner.plan)
     rows = read_csv_metrics(trainer)
     measured = [float(r["budget/measured_ms"]) for r in rows if r.get("budget/measured_ms")]
     assert measured and measured == sorted(measured, reverse=True) and measured[-1] <= target
@@ -149,7 +153,7 @@ def test_callback_stops_at_the_budget_and_logs(tmp_path: Path) -> None:
 
 
 def test_callback_refuses_an_unreachable_budget_in_setup(tmp_path: Path) -> None:
-    budget = LatencyBudgetPruning(target_ms=1.0, latency_fn=fake_latency, start=1)
+    budget = LatencyBudgetPruning(target_ms=1.0, latency_fn=fake_latency, start_step=1)
     with pytest.raises(MisconfigurationException, match=r"`target_ms`=1 is below what pruning can reach.*ms\. Pass "
                                                          r"target_ms >= "):
         _run(tmp_path, HFModule(kind="bert"), [budget], max_steps=2)
@@ -157,8 +161,8 @@ def test_callback_refuses_an_unreachable_budget_in_setup(tmp_path: Path) -> None
 
 def test_resume_gives_the_same_allocation(tmp_path: Path) -> None:
     def callbacks(folder: Path) -> list:
-        budget = LatencyBudgetPruning(target_ms=0.5 * fake_latency(tiny_bert()), latency_fn=fake_latency, start=2,
-                                      frequency=2, steps=3, calibration_batches=2)
+        budget = LatencyBudgetPruning(target_ms=0.5 * fake_latency(tiny_bert()), latency_fn=fake_latency,
+                                      start_step=2, every_n_steps=2, steps=3, calibration_batches=2)
         return [budget, pl.callbacks.ModelCheckpoint(dirpath=folder, every_n_epochs=1, save_top_k=-1,
                                                      save_on_train_epoch_end=True)]
 
@@ -173,3 +177,33 @@ def test_resume_gives_the_same_allocation(tmp_path: Path) -> None:
     assert structure(resumed) == structure(full)
     for key, value in full.state_dict().items():
         torch.testing.assert_close(resumed.state_dict()[key], value, rtol=1e-5, atol=1e-6, msg=key)
+
+
+def test_old_argument_names_still_work_with_a_deprecation_warning() -> None:
+    from lightning_latency import LightningLatencyDeprecationWarning
+
+    new = LatencyBudgetPruning(target_ms=5.0, latency_fn=fake_latency, start_step=3, every_n_steps=4)
+    with pytest.warns(LightningLatencyDeprecationWarning, match=r"pass `start_step=3` instead"):
+        old = LatencyBudgetPruning(target_ms=5.0, latency_fn=fake_latency, start=3, frequency=4)
+    assert (old.pruner.start_step, old.pruner.every_n_steps) == (3, 4)
+    assert old.state_key == new.state_key  # checkpoints written with the old names keep their callback state
+
+
+def test_core_prunes_to_the_budget_in_a_plain_loop() -> None:
+    """BudgetPruner without Lightning: a bare model, a hand-written loop, the state round trip."""
+    from lightning_latency.pruning.budget_pruner import BudgetPruner
+
+    model = tiny_bert()
+    target = 0.55 * fake_latency(model)
+    pruner = BudgetPruner(target, fake_latency, _loss, start_step=1, every_n_steps=1, steps=2, calibration_batches=1)
+    pruner.check(model)
+    measured = []
+    for step, batch in enumerate(_batches(4), start=1):
+        pruner.collect(batch)
+        ms = pruner.maybe_prune(model, step)
+        if ms is not None:
+            measured.append(ms)
+    assert pruner.done and measured[-1] <= target and fake_latency(model) == pytest.approx(measured[-1])
+    again = BudgetPruner(target, fake_latency, _loss)
+    again.load_state_dict(pruner.state_dict())
+    assert again.allocation == pruner.allocation and again.measured_ms == pruner.measured_ms

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
-from types import SimpleNamespace
 from typing import Any
 
 import pytest
 import torch
+import torch_pruning as tp
 from torch import nn
 from torch.utils.data import DataLoader
 
@@ -40,13 +41,21 @@ def _zero_fraction(module: nn.Module, names: list[str]) -> float:
     [
         (dict(mode="fast"), r"`mode` must be one of .*'fast'"),
         (dict(final_sparsity=1.5), r"`final_sparsity` must be in \[0, 1\), got 1.5. For 50% sparsity pass"),
-        (dict(start=10, end=5), r"`start` \(10\) is after `end` \(5\)"),
-        (dict(end=4, frequency=0), r"`frequency` must be an integer > 0, got 0"),
-        (dict(end=4, frequency=-2), r"`frequency` must be an integer > 0, got -2"),
+        (dict(start_step=10, end_step=5), r"`start_step` \(10\) is after `end_step` \(5\)"),
+        (dict(start_epoch=3, end_epoch=1), r"`start_epoch` \(3\) is after `end_epoch` \(1\)"),
+        (dict(end_step=4, every_n_steps=0), r"`every_n_steps` must be an integer >= 1, got 0"),
+        (dict(end_step=4, every_n_steps=-2), r"`every_n_steps` must be an integer >= 1, got -2"),
+        (dict(every_n_epochs=0), r"`every_n_epochs` must be an integer >= 1, got 0"),
+        (dict(start_step=-1), r"`start_step` must be an integer >= 0, got -1"),
+        (dict(start_step=1, end_epoch=2), r"`start_step` and `end_epoch` both given.*not both"),
         (dict(interval="batch"), r"`interval` must be one of \['step', 'epoch'\], got 'batch'"),
+        (dict(interval="step", start_epoch=1), r"`interval='step'` and `start_epoch` both given"),
+        (dict(start=1, start_step=2), r"pass `start_step` only; `start` is its deprecated name"),
+        (dict(schedule="exp"), r"`schedule` must be 'cubic', 'linear' or a callable.*'exp'"),
         (dict(mode="structured", rewind_to=0), r"`rewind_to`=0 needs a masked mode"),
-        (dict(start=2, end=4, rewind_to=3), r"`rewind_to` must be an optimizer step in \[0, start=2\], got 3"),
+        (dict(start_step=2, end_step=4, rewind_to=3), r"`rewind_to` must be an optimizer step in \[0, start_step=2\], got 3"),
         (dict(importance="hessian"), r"`importance` must be one of .*'hessian'"),
+        (dict(targets=[r"re:("]), r"`targets` entry 're:\(' is not a valid regular expression"),
     ],
 )
 def test_callback_misconfiguration(kwargs: dict, match: str) -> None:
@@ -76,6 +85,13 @@ class _PlainMLP(LightningModule):
     [
         (_PlainMLP, MagnitudePruning(mode="structured"), r"mode='structured' does not support _PlainMLP.*found no attention heads"),
         (HFModule, MagnitudePruning(targets=["no_such_layer"]), r"`targets`=\['no_such_layer'\] .*matches no module"),
+        (HFModule, MagnitudePruning(targets=["*dense*", "*nope*"]), r"'\*nope\*' matches no module with a weight"),
+        # found in setup, not at the first pruning step (which may be hours later)
+        (HFModule, MagnitudePruning(mode="nm", n=2, m=3, start_step=50), r"N:M pruning needs the input size of .*m=3"),
+        (HFModule, MagnitudePruning(importance=tp.importance.GroupMagnitudeImportance(), start_step=50),
+         r"scores torch-pruning groups, which only structured mode builds"),
+        (HFModule, MagnitudePruning(importance="taylor"), r"importance='taylor' needs gradients.*start_step=1"),
+        (HFModule, MagnitudePruning(importance="taylor", start_epoch=0), r"needs gradients.*start_epoch=1"),
     ],
 )
 def test_setup_rejects_models_it_cannot_prune(tmp_path: Path, module: type, callback: Any, match: str) -> None:
@@ -88,7 +104,7 @@ def test_setup_rejects_models_it_cannot_prune(tmp_path: Path, module: type, call
 
 def test_unstructured_schedule_reaches_target_and_is_logged(tmp_path: Path) -> None:
     module = HFModule(kind="bert")
-    callback = MagnitudePruning(final_sparsity=0.5, start=1, end=5, frequency=2, schedule="linear")
+    callback = MagnitudePruning(final_sparsity=0.5, start_step=1, end_step=5, every_n_steps=2, schedule="linear")
     with pytest.warns(UserWarning, match="dense CPU kernels run exactly as fast"):
         trainer = _fit(tmp_path, module, [callback], max_steps=8)
     rows = read_csv_metrics(trainer)
@@ -98,6 +114,11 @@ def test_unstructured_schedule_reaches_target_and_is_logged(tmp_path: Path) -> N
     names = [n for n, _ in resolve_targets(module, callback.config)]
     assert _zero_fraction(module, names) == pytest.approx(0.5, abs=1e-3)
     assert callback.masks == {}  # make_permanent: masks dropped, zeros baked in
+
+
+def test_setup_warns_when_the_schedule_ends_after_max_steps(tmp_path: Path) -> None:
+    with pytest.warns(UserWarning, match=r"`end_step`=10 is after Trainer\(max_steps=2\): the schedule never reaches"):
+        _fit(tmp_path, HFModule(kind="bert"), [MagnitudePruning(start_step=1, end_step=10)], max_steps=2)
 
 
 class _MaskProbe(CallbackBase):
@@ -116,7 +137,7 @@ class _MaskProbe(CallbackBase):
 
 @pytest.mark.parametrize("mode", ["unstructured", "nm"])
 def test_pruned_weights_stay_zero_after_optimizer_steps(tmp_path: Path, mode: str) -> None:
-    pruning = MagnitudePruning(mode=mode, final_sparsity=0.5, start=1, end=1, make_permanent=False)
+    pruning = MagnitudePruning(mode=mode, final_sparsity=0.5, start_step=1, end_step=1, make_permanent=False)
     probe = _MaskProbe(pruning)
     _fit(tmp_path, HFModule(kind="bert", lr=1e-2), [pruning, probe], max_steps=6)
     assert probe.checked > 0 and probe.leaks == 0
@@ -126,7 +147,7 @@ def test_pruned_weights_stay_zero_after_optimizer_steps(tmp_path: Path, mode: st
 def test_lottery_ticket_rewinding_resets_survivors_to_initial_weights(tmp_path: Path) -> None:
     module = HFModule(kind="bert", lr=1e-2)
     initial = module.model.bert.encoder.layer[0].intermediate.dense.weight.detach().clone()
-    pruning = MagnitudePruning(final_sparsity=0.5, start=3, end=3, rewind_to=0, make_permanent=False)
+    pruning = MagnitudePruning(final_sparsity=0.5, start_step=3, end_step=3, rewind_to=0, make_permanent=False)
     _fit(tmp_path, module, [pruning], max_steps=3)  # fit ends right after the pruning step
     weight = module.model.bert.encoder.layer[0].intermediate.dense.weight.detach()
     mask = pruning.masks["model.bert.encoder.layer.0.intermediate.dense"]
@@ -135,7 +156,7 @@ def test_lottery_ticket_rewinding_resets_survivors_to_initial_weights(tmp_path: 
 
 
 def test_epoch_interval(tmp_path: Path) -> None:
-    pruning = MagnitudePruning(final_sparsity=0.6, start=0, end=2, interval="epoch", schedule="linear")
+    pruning = MagnitudePruning(final_sparsity=0.6, start_epoch=0, end_epoch=2, schedule="linear")
     trainer = _fit(tmp_path, HFModule(kind="bert", n=16), [pruning], max_epochs=3, max_steps=-1)
     targets = [float(r["pruning/target"]) for r in read_csv_metrics(trainer) if r.get("pruning/target")]
     assert targets[:3] == pytest.approx([0.0, 0.3, 0.6]) and pruning.sparsity == pytest.approx(0.6)
@@ -148,8 +169,8 @@ def test_epoch_interval(tmp_path: Path) -> None:
 def test_structured_fit_shrinks_model_and_rebuilds_optimizer(tmp_path: Path, kind: str, importance: str) -> None:
     module = HFModule(kind=kind)
     before = structure(module)
-    pruning = MagnitudePruning(mode="structured", final_sparsity=0.5, start=2, end=6, frequency=2,
-                               importance=importance)  # taylor: gradients still exist at on_train_batch_end
+    pruning = MagnitudePruning(mode="structured", final_sparsity=0.5, start_step=2, end_step=6,
+                               every_n_steps=2, importance=importance)  # taylor: gradients still exist at on_train_batch_end
     trainer = _fit(tmp_path, module, [pruning], max_steps=8)
     after = structure(module)
     for name, shape in after.items():
@@ -165,13 +186,54 @@ def test_structured_fit_shrinks_model_and_rebuilds_optimizer(tmp_path: Path, kin
     assert torch.isfinite(trainer.callback_metrics["train_loss"])
 
 
-def test_structured_spawn_ddp_is_refused_clearly(tmp_path: Path) -> None:
+@pytest.mark.parametrize("strategy", ["ddp_spawn", "ddp_fork"])
+def test_structured_under_a_spawned_launcher_is_refused_in_setup(tmp_path: Path, strategy: str) -> None:
+    """Real Trainers (nothing is launched before fit): spawn and fork send weights back through the main process."""
+    def trainer(name: str) -> Any:
+        return Trainer(accelerator="cpu", devices=2, strategy=name, logger=False, enable_progress_bar=False,
+                       default_root_dir=tmp_path)
+
     pruning = MagnitudePruning(mode="structured", final_sparsity=0.5)
-    spawn_trainer = SimpleNamespace(strategy=SimpleNamespace(_start_method="spawn"))
-    with pytest.raises(MisconfigurationException, match=r"strategy='ddp_spawn'.*use strategy='ddp'"):
-        pruning._check_strategy(spawn_trainer, HFModule())
-    pruning._check_strategy(SimpleNamespace(strategy=SimpleNamespace(_start_method="popen")), HFModule())  # ddp
-    pruning._check_strategy(spawn_trainer, _ReshapingHFModule())  # reshapes itself before loading: allowed
+    with pytest.raises(MisconfigurationException, match=r"MagnitudePruning: .*spawned launcher.*Use strategy='ddp'"):
+        pruning.setup(trainer(strategy), HFModule(), "fit")
+    pruning.setup(trainer(strategy), _ReshapingHFModule(), "fit")  # reshapes itself before loading: allowed
+    pruning.setup(trainer("ddp"), HFModule(), "fit")  # popen: every rank keeps its own pruned module
+    MagnitudePruning(mode="unstructured").setup(trainer(strategy), HFModule(), "fit")  # masks keep the shapes
+    assert pruning.strategy_problem("spawn", None) and not pruning.strategy_problem("spawn", _ReshapingHFModule())
+
+
+def test_old_schedule_names_still_work_with_a_deprecation_warning(tmp_path: Path) -> None:
+    from lightning_latency import LightningLatencyDeprecationWarning
+
+    new = MagnitudePruning(final_sparsity=0.5, start_step=1, end_step=3, every_n_steps=2)
+    with pytest.warns(LightningLatencyDeprecationWarning, match=r"pass `start_step=1` instead"):
+        old = MagnitudePruning(final_sparsity=0.5, start=1, end=3, frequency=2)
+    assert old.schedule == new.schedule and old.interval == new.interval == "step"
+    assert old.state_key == new.state_key  # old checkpoints keep their callback state
+    with pytest.warns(LightningLatencyDeprecationWarning, match=r"`interval`=\.\.\.\) is deprecated"):
+        by_epoch = MagnitudePruning(start=0, end=2, frequency=1, interval="epoch")
+    assert by_epoch.interval == "epoch" and by_epoch.schedule == MagnitudePruning(start_epoch=0, end_epoch=2).schedule
+    # a checkpoint written with the old names resumes into a callback built with the new ones
+    module = HFModule(kind="bert")
+    with pytest.warns(LightningLatencyDeprecationWarning):
+        _fit(tmp_path, module, [MagnitudePruning(final_sparsity=0.5, start=1, end=1, make_permanent=False)],
+             max_steps=2)
+    assert _zero_fraction(module, [n for n, _ in resolve_targets(module, new.config)]) == pytest.approx(0.5, abs=1e-3)
+
+
+def test_glob_patterns_select_what_to_prune_and_old_regexes_still_work(tmp_path: Path) -> None:
+    from lightning_latency import LightningLatencyDeprecationWarning
+
+    module, old_regex = HFModule(kind="bert"), r"\.intermediate\.dense"
+    pruning = MagnitudePruning(final_sparsity=0.5, start_step=1, targets=["*intermediate.dense"],
+                               exclude=["*layer.1.*"])  # "not a valid regular expression" before patterns.py
+    _fit(tmp_path, module, [pruning], max_steps=2)
+    assert _zero_fraction(module, ["model.bert.encoder.layer.0.intermediate.dense"]) == pytest.approx(0.5, abs=1e-3)
+    assert _zero_fraction(module, ["model.bert.encoder.layer.1.intermediate.dense"]) == 0.0
+    with pytest.warns(LightningLatencyDeprecationWarning, match=re.escape(f"Pass {'re:' + old_regex!r} instead")):
+        old = MagnitudePruning(targets=[old_regex])
+    assert [n for n, _ in resolve_targets(HFModule(kind="bert"), old.config)] == [
+        "model.bert.encoder.layer.0.intermediate.dense", "model.bert.encoder.layer.1.intermediate.dense"]
 
 
 # ----------------------------------------------------------------------------------------------- resume
@@ -181,7 +243,8 @@ def test_structured_spawn_ddp_is_refused_clearly(tmp_path: Path) -> None:
                                             ("gpt2", "structured")])
 def test_resume_mid_schedule_gives_the_same_result(tmp_path: Path, kind: str, mode: str) -> None:
     def callbacks(folder: Path) -> list:
-        return [MagnitudePruning(mode=mode, final_sparsity=0.5, start=2, end=6, frequency=2, make_permanent=False),
+        return [MagnitudePruning(mode=mode, final_sparsity=0.5, start_step=2, end_step=6, every_n_steps=2,
+                                 make_permanent=False),
                 pl.callbacks.ModelCheckpoint(dirpath=folder, every_n_epochs=1, save_top_k=-1,
                                              save_on_train_epoch_end=True)]
 
@@ -215,7 +278,7 @@ def _zero_patterns(pl_module: Any) -> dict[str, torch.Tensor]:
 
 @pytest.mark.ddp
 def test_ddp_ranks_end_with_identical_masks(tmp_path: Path) -> None:
-    pruning = MagnitudePruning(final_sparsity=0.5, start=1, end=3, frequency=1)
+    pruning = MagnitudePruning(final_sparsity=0.5, start_step=1, end_step=3, every_n_steps=1)
     dump = RankStateDump(tmp_path, fn=_zero_patterns)
     trainer = Trainer(**trainer_kwargs(tmp_path, strategy="ddp_spawn", devices=2, max_steps=4, logger=False,
                                        callbacks=[pruning, dump]))
@@ -245,7 +308,7 @@ def _shapes_and_weights(pl_module: Any) -> dict[str, torch.Tensor]:
 def test_ddp_structured_ranks_end_with_identical_shapes_and_weights(tmp_path: Path) -> None:
     """After each structural step the DDP wrapper and optimizer are rebuilt: gradients stay in sync across ranks
     (each rank sees different data, so unsynced ranks would diverge)."""
-    pruning = MagnitudePruning(mode="structured", final_sparsity=0.5, start=1, end=3, frequency=2)
+    pruning = MagnitudePruning(mode="structured", final_sparsity=0.5, start_step=1, end_step=3, every_n_steps=2)
     dump = RankStateDump(tmp_path, fn=_shapes_and_weights)
     module = _ReshapingHFModule(kind="llama")
     trainer = Trainer(**trainer_kwargs(tmp_path, strategy="ddp_spawn", devices=2, max_steps=5, logger=False,
@@ -266,12 +329,19 @@ def test_ddp_structured_ranks_end_with_identical_shapes_and_weights(tmp_path: Pa
 @pytest.mark.parametrize(("recipe", "mode"), [("pruning.yaml", "unstructured"), ("pruning_structured.yaml",
                                                                                    "structured")])
 def test_cli_recipe_configures_the_callback(recipe: str, mode: str) -> None:
+    import warnings
+
+    from lightning_latency import LightningLatencyDeprecationWarning
+
     cli_module = pytest.importorskip(f"{pl.__name__}.cli")
-    cli = cli_module.LightningCLI(
-        HFModule, run=False, save_config_callback=None,
-        args=["--config", str(ROOT / "callbacks" / recipe), "--trainer.logger=false",
-              "--trainer.enable_progress_bar=false"],
-    )
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        cli = cli_module.LightningCLI(
+            HFModule, run=False, save_config_callback=None,
+            args=["--config", str(ROOT / "callbacks" / recipe), "--trainer.logger=false",
+                  "--trainer.enable_progress_bar=false"],
+        )
+    assert not [w for w in caught if issubclass(w.category, LightningLatencyDeprecationWarning)]  # new names only
     found = [c for c in cli.trainer.callbacks if isinstance(c, MagnitudePruning)]
     assert len(found) == 1 and found[0].config.mode.value == mode
     assert 0 < found[0].schedule.final_sparsity < 1 and found[0].schedule.end > found[0].schedule.start

@@ -101,8 +101,8 @@ def test_callbacks_refuse_what_cannot_work_on_sharded_weights_under_any_fsdp_str
 
     fsdp = SimpleNamespace(strategy=pl.strategies.FSDPStrategy())  # a plain Lightning FSDP strategy, not ours
     with pytest.raises(MisconfigurationException, match="Prune the unsharded model before wrapping"):
-        MagnitudePruning(mode="structured")._check_strategy(fsdp, HFModule())
-    MagnitudePruning(mode="unstructured")._check_strategy(fsdp, HFModule())  # masked pruning is fine
+        MagnitudePruning(mode="structured").setup(fsdp, HFModule(), "fit")
+    MagnitudePruning(mode="unstructured").setup(fsdp, HFModule(), "fit")  # masked pruning is fine
     with pytest.raises(MisconfigurationException, match=r"start_step=0 \(prepared in `setup`"):
         QuantizationAwareTraining(start_step=3).setup(fsdp, HFModule(), "fit")
     with pytest.raises(MisconfigurationException, match="cannot time an FSDP-sharded model"):

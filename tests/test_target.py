@@ -58,7 +58,8 @@ def test_model_attr_validated_by_every_callback(bad: object) -> None:
 def test_pruning_and_qat_act_on_the_student_only_without_extra_arguments(tmp_path: Path) -> None:
     module = _distill()
     t0 = _state(module.teacher)
-    pruning = MagnitudePruning(mode="unstructured", final_sparsity=0.5, start=0, end=2, log_per_layer=False)
+    pruning = MagnitudePruning(mode="unstructured", final_sparsity=0.5, start_step=0, end_step=2,
+                               log_per_layer=False)
     qat = QuantizationAwareTraining(scheme="int8_dynamic", convert_on_fit_end=False, log_every_n_steps=0)
     mon = LatencyMonitor(warmup=1, min_runs=2, max_time_s=0.1, report_file=None, generation=False)
     trainer = Trainer(**trainer_kwargs(tmp_path, max_steps=3, callbacks=[pruning, qat, mon]))
@@ -80,7 +81,8 @@ def test_pruning_and_qat_act_on_the_student_only_without_extra_arguments(tmp_pat
 def test_structured_pruning_of_the_student_resumes_from_a_checkpoint(tmp_path: Path) -> None:
     module = _distill()
     n_teacher = sum(p.numel() for p in module.teacher.parameters())
-    pruning = MagnitudePruning(mode="structured", final_sparsity=0.5, start=1, end=1, log_per_layer=False)
+    pruning = MagnitudePruning(mode="structured", final_sparsity=0.5, start_step=1, end_step=1,
+                               log_per_layer=False)
     trainer = Trainer(**trainer_kwargs(tmp_path, max_steps=2, callbacks=[pruning]))
     trainer.fit(module, _loader())
     heads = module.student.bert.encoder.layer[0].attention.self.num_attention_heads
@@ -89,6 +91,7 @@ def test_structured_pruning_of_the_student_resumes_from_a_checkpoint(tmp_path: P
     ckpt = tmp_path / "pruned.ckpt"
     trainer.save_checkpoint(ckpt)
     fresh = _distill()
-    again = MagnitudePruning(mode="structured", final_sparsity=0.5, start=1, end=1, log_per_layer=False)
+    again = MagnitudePruning(mode="structured", final_sparsity=0.5, start_step=1, end_step=1,
+                               log_per_layer=False)
     Trainer(**trainer_kwargs(tmp_path, max_steps=3, callbacks=[again])).fit(fresh, _loader(), ckpt_path=ckpt)
     assert fresh.student.bert.encoder.layer[0].attention.self.num_attention_heads == 2

@@ -196,7 +196,7 @@ def _mean_loss(model: nn.Module, loss_fn: LossFn, calibration: Sequence[Any]) ->
     return sum(values) / len(values)
 
 
-def _check_fractions(fractions: Sequence[float], max_fraction: float) -> list[float]:
+def check_fractions(fractions: Sequence[float], max_fraction: float) -> list[float]:
     values = sorted(set(float(f) for f in fractions))
     if not values or any(not 0 < f < 1 for f in values):
         raise ValueError(f"`fractions` must be non-empty values in (0, 1), got {list(fractions)!r}. "
@@ -242,7 +242,7 @@ def layer_sensitivity(
     calibration = list(calibration)
     if not calibration:
         raise ValueError("`calibration` is empty: pass a few batches (e.g. 4 from the validation loader).")
-    fractions = _check_fractions(fractions, max_fraction)
+    fractions = check_fractions(fractions, max_fraction)
     was_training = model.training
     model.eval()
     try:

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
-import re
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from enum import Enum
 from typing import Any
 
 from torch import nn
+
+from lightning_latency.pruning.targets import NamePattern, compile_entries
 
 
 class PruningMode(str, Enum):
@@ -27,11 +28,11 @@ class PruningMode(str, Enum):
 _IMPORTANCE_NAMES = ("l1", "l2", "taylor")
 _SCOPES = ("local", "global")
 
-#: Module-name patterns never pruned by default: embeddings, norms, output/classifier heads.
+#: Module-name patterns (``lightning_latency.patterns``) never pruned by default: embeddings, norms, output heads.
 DEFAULT_EXCLUDE: tuple[str, ...] = (
-    r"(^|\.)(embeddings?|embed_tokens|wte|wpe|word_embeddings|position_embeddings|token_type_embeddings)(\.|$)",
-    r"(^|\.)(lm_head|classifier|score|pooler|qa_outputs|cls)(\.|$)",
-    r"norm|ln_",
+    r"re:(^|\.)(embeddings?|embed_tokens|wte|wpe|word_embeddings|position_embeddings|token_type_embeddings)(\.|$)",
+    r"re:(^|\.)(lm_head|classifier|score|pooler|qa_outputs|cls)(\.|$)",
+    r"re:norm|ln_",
 )
 
 
@@ -46,10 +47,13 @@ class PruningConfig:
             For structured mode any torch-pruning importance object (``tp.importance.GroupTaylorImportance()``,
             ``GroupHessianImportance()`` …) is accepted as is. For masked modes a callable
             ``fn(name, weight) -> scores`` (same shape as ``weight``) is accepted.
-        targets: module names, regex patterns or ``nn.Module`` types to prune (masked modes). ``None``: every
+        targets: module-name patterns or ``nn.Module`` types to prune (masked modes). A pattern is fnmatch on the
+            qualified name or the class name (``"*mlp*"``, ``"*.intermediate.dense"``), or ``"re:<regex>"`` for a
+            regex search (see :mod:`lightning_latency.patterns`); every entry must match a module. ``None``: every
             linear layer of the model except :data:`DEFAULT_EXCLUDE` (embeddings, norms, ``lm_head``, classifiers).
-        exclude: extra name patterns never pruned (added to the defaults); in structured mode, attention / MLP
-            block names to leave whole (e.g. ``[r"layers\.0\."]``).
+        exclude: extra patterns never pruned (added to the defaults); in structured mode, attention / MLP block
+            names to leave whole (e.g. ``["*layers.0.*"]``). Old regex-only strings keep working for one release
+            with a deprecation warning (see :mod:`lightning_latency.pruning.targets`).
         scope: masked modes: ``"local"`` (same sparsity in every layer) or ``"global"`` (one magnitude threshold).
         n, m: the N:M pattern for ``mode="nm"``: keep ``n`` of every ``m`` consecutive input weights.
         prune_heads, prune_neurons: structured mode: shrink attention heads and/or MLP width.
@@ -67,6 +71,9 @@ class PruningConfig:
     prune_heads: bool = True
     prune_neurons: bool = True
     max_layer_sparsity: float = 0.95
+    target_patterns: list[NamePattern | type[nn.Module]] = field(init=False, repr=False, compare=False)
+    exclude_patterns: list[NamePattern] = field(init=False, repr=False, compare=False)
+    default_exclude_patterns: list[NamePattern] = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         try:
@@ -104,20 +111,16 @@ class PruningConfig:
                 "`prune_heads` and `prune_neurons` are both False: structured pruning would remove nothing. "
                 "Set at least one to True."
             )
-        if self.targets is not None:
-            if isinstance(self.targets, (str, type)):
-                self.targets = [self.targets]
-            for t in self.targets:
-                if isinstance(t, str):
-                    _compile(t, "targets")
-                elif not (isinstance(t, type) and issubclass(t, nn.Module)):
-                    raise ValueError(
-                        f"`targets` entries must be module names, regex patterns or nn.Module types, got {t!r}."
-                    )
+        if isinstance(self.targets, (str, type)):
+            self.targets = [self.targets]
+        self.target_patterns = compile_entries(self.targets or (), "targets")
         if isinstance(self.exclude, str):
             self.exclude = [self.exclude]
-        for pattern in self.exclude:
-            _compile(pattern, "exclude")
+        if any(isinstance(p, type) for p in self.exclude):
+            raise ValueError(f"`exclude` entries must be module-name patterns (fnmatch, or 're:<regex>'), got "
+                             f"{list(self.exclude)!r}. E.g. exclude=['*layers.0.*'].")
+        self.exclude_patterns = compile_entries(self.exclude, "exclude")  # type: ignore[assignment]
+        self.default_exclude_patterns = compile_entries(DEFAULT_EXCLUDE, "DEFAULT_EXCLUDE")  # type: ignore[assignment]
 
     @property
     def is_masked(self) -> bool:
@@ -132,12 +135,3 @@ def check_sparsity(value: Any, name: str = "sparsity") -> float:
         )
     return float(value)
 
-
-def _compile(pattern: str, arg: str) -> re.Pattern[str]:
-    try:
-        return re.compile(pattern)
-    except re.error as err:
-        raise ValueError(f"`{arg}` entry {pattern!r} is not a valid regular expression ({err}).") from None
-
-
-ImportanceFn = Callable[[str, Any], Any]

@@ -8,13 +8,20 @@ import torch
 from torch import nn
 
 from lightning_latency.pruning.config import PruningConfig, PruningMode, check_sparsity
-from lightning_latency.pruning.masks import apply_masks, compute_masks, mask_sparsity
-from lightning_latency.pruning.structured import original_structure, prune_structured, structure
+from lightning_latency.pruning.masks import apply_masks, check_importance, check_nm, compute_masks, mask_sparsity
+from lightning_latency.pruning.structured import (
+    blocks_or_raise,
+    original_structure,
+    prune_structured,
+    structure,
+    unshrunk_blocks,
+)
+from lightning_latency.pruning.targets import resolve_targets
 
 
 @dataclass
 class PruningResult:
-    """What a pruning step did.
+    """What a pruning step did: what the callback logs, as is.
 
     Attributes:
         sparsity: achieved sparsity: fraction of targeted weights zeroed (masked modes) or of the original
@@ -22,11 +29,91 @@ class PruningResult:
         masks: ``{module name: bool tensor shaped like its weight}`` (``True`` = kept); empty for structured mode.
             Re-apply with :func:`apply_masks` after every optimizer step.
         structure: ``{block name: {"heads", "kv_heads", "head_dim"} / {"neurons"}}`` after the step (structured).
+        params, nonzero: parameters of the model, and those that are not zero, after the step.
+        unshrunk: structured: targeted blocks still larger than the step asked for (``"<block> heads 4 > 2"``);
+            empty when every shrink took.
     """
 
     sparsity: float
     masks: dict[str, torch.Tensor] = field(default_factory=dict)
     structure: dict[str, dict[str, int]] = field(default_factory=dict)
+    params: int = 0
+    nonzero: int = 0
+    unshrunk: list[str] = field(default_factory=list)
+
+    def metrics(self, scheduled: float | None = None, per_layer: bool = True) -> dict[str, float]:
+        """``pruning/sparsity``, ``pruning/params``, ``pruning/nonzero``, ``pruning/target`` (``scheduled``) and, with
+        ``per_layer``, ``pruning/heads/<block>`` / ``pruning/neurons/<block>`` (structured)."""
+        out = {"pruning/sparsity": float(self.sparsity), "pruning/params": float(self.params),
+               "pruning/nonzero": float(self.nonzero)}
+        if scheduled is not None:
+            out["pruning/target"] = float(scheduled)
+        for name, shape in self.structure.items() if per_layer else ():
+            out.update({f"pruning/{key}/{name}": float(shape[key]) for key in ("heads", "neurons") if key in shape})
+        return out
+
+
+class _Masked:
+    """Unstructured / N:M: zero weights through masks held outside the model; shapes never change."""
+
+    changes_shapes = False
+
+    def check(self, model: nn.Module, config: PruningConfig) -> None:
+        resolve_targets(model, config)
+        check_importance(config)
+        check_nm(model, config)
+
+    def step(self, model: nn.Module, config: PruningConfig, sparsity: float,
+             masks: dict[str, torch.Tensor] | None) -> PruningResult:
+        new_masks = compute_masks(model, config, sparsity, masks)
+        apply_masks(model, new_masks)
+        return PruningResult(mask_sparsity(new_masks), masks=new_masks)
+
+    def measure(self, model: nn.Module, config: PruningConfig) -> PruningResult:
+        weights = [mod.weight for _, mod in resolve_targets(model, config)]
+        zeros = sum(int((w == 0).sum()) for w in weights)
+        return PruningResult(zeros / max(sum(w.numel() for w in weights), 1))
+
+    def original(self, model: nn.Module) -> dict[str, dict[str, int]]:
+        return {}
+
+
+class _Structured:
+    """Remove heads and MLP neurons: layers shrink, so a load into a fresh model must reshape it first."""
+
+    changes_shapes = True
+
+    def check(self, model: nn.Module, config: PruningConfig) -> None:
+        blocks_or_raise(model, config)  # converts GPT-2 Conv1D to Linear before optimizers exist
+        original_structure(model)
+
+    def step(self, model: nn.Module, config: PruningConfig, sparsity: float,
+             masks: dict[str, torch.Tensor] | None) -> PruningResult:
+        shapes = prune_structured(model, config, sparsity)
+        return PruningResult(structured_sparsity(shapes, original_structure(model)), structure=shapes,
+                             unshrunk=unshrunk_blocks(model, config, sparsity))
+
+    def measure(self, model: nn.Module, config: PruningConfig) -> PruningResult:
+        shapes = structure(model)
+        return PruningResult(structured_sparsity(shapes, original_structure(model)), structure=shapes)
+
+    def original(self, model: nn.Module) -> dict[str, dict[str, int]]:
+        return original_structure(model)
+
+
+_MODES: dict[PruningMode, _Masked | _Structured] = {
+    PruningMode.STRUCTURED: _Structured(), PruningMode.UNSTRUCTURED: _Masked(), PruningMode.NM: _Masked()}
+
+
+def mode_of(config: PruningConfig) -> _Masked | _Structured:
+    """The strategy object that carries out ``config.mode`` (the one place the mode is dispatched on)."""
+    return _MODES[config.mode]
+
+
+def counted(result: PruningResult, model: nn.Module) -> PruningResult:
+    """``result`` with the model's parameter counts filled in."""
+    result.params, result.nonzero = model_counts(model)
+    return result
 
 
 def prune_step(model: nn.Module, config: PruningConfig, sparsity: float,
@@ -54,12 +141,7 @@ def prune_step(model: nn.Module, config: PruningConfig, sparsity: float,
     sparsity = check_sparsity(sparsity)
     if not isinstance(config, PruningConfig):
         raise ValueError(f"`config` must be a PruningConfig, got {type(config).__name__}.")
-    if config.mode is PruningMode.STRUCTURED:
-        shapes = prune_structured(model, config, sparsity)
-        return PruningResult(structured_sparsity(shapes, original_structure(model)), structure=shapes)
-    new_masks = compute_masks(model, config, sparsity, masks)
-    apply_masks(model, new_masks)
-    return PruningResult(mask_sparsity(new_masks), masks=new_masks)
+    return counted(mode_of(config).step(model, config, sparsity, masks), model)
 
 
 def structured_sparsity(shapes: dict[str, dict[str, int]], original: dict[str, dict[str, int]]) -> float:
@@ -83,4 +165,5 @@ def model_counts(model: nn.Module) -> tuple[int, int]:
     return total, nonzero
 
 
-__all__ = ["PruningResult", "apply_masks", "model_counts", "prune_step", "structure", "structured_sparsity"]
+__all__ = ["PruningResult", "apply_masks", "counted", "mode_of", "model_counts", "prune_step", "structure",
+           "structured_sparsity"]

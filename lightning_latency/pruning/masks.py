@@ -26,11 +26,7 @@ def _scores(name: str, weight: torch.Tensor, config: PruningConfig) -> torch.Ten
                 f"importance='taylor' needs gradients on `{name}.weight`: call loss.backward() before prune_step."
             )
         return (weight.detach() * weight.grad.detach()).abs().float()
-    if type(config.importance).__module__.startswith("torch_pruning"):
-        raise ValueError(
-            f"`importance`={type(config.importance).__name__}() scores torch-pruning groups, which only structured "
-            f"mode builds. For mode={config.mode.value!r} pass 'l1', 'l2', 'taylor' or a callable (name, weight) -> scores."
-        )
+    check_importance(config)
     scores = config.importance(name, weight)
     if not isinstance(scores, torch.Tensor) or scores.shape != weight.shape:
         raise ValueError(
@@ -38,6 +34,34 @@ def _scores(name: str, weight: torch.Tensor, config: PruningConfig) -> torch.Ten
             f"got {getattr(scores, 'shape', type(scores).__name__)}."
         )
     return scores.detach().float()
+
+
+def check_importance(config: PruningConfig) -> None:
+    """Raise ValueError for an importance masked modes cannot use (a torch-pruning group importance)."""
+    if type(config.importance).__module__.startswith("torch_pruning"):
+        raise ValueError(
+            f"`importance`={type(config.importance).__name__}() scores torch-pruning groups, which only structured "
+            f"mode builds. For mode={config.mode.value!r} pass 'l1', 'l2', 'taylor' or a callable (name, weight) -> "
+            f"scores."
+        )
+
+
+def check_nm(model: nn.Module, config: PruningConfig) -> None:
+    """Raise ValueError, naming the layer, when an N:M target's input size is not a multiple of ``m``."""
+    if config.mode is not PruningMode.NM:
+        return
+    for name, module in resolve_targets(model, config):
+        _nm_rows(name, module, module.weight, config.m)
+
+
+def _nm_rows(name: str, module: nn.Module, scores: torch.Tensor, m: int) -> torch.Tensor:
+    rows = scores.transpose(0, 1) if input_dim(module) == 0 else scores  # (out, in)
+    if rows.dim() != 2 or rows.shape[1] % m:
+        raise ValueError(
+            f"N:M pruning needs the input size of `{name}` {tuple(module.weight.shape)} to be divisible by m={m}; "
+            f"exclude it with exclude=[{name!r}] or pick another m."
+        )
+    return rows
 
 
 def _keep_topk(scores: torch.Tensor, n_keep: int) -> torch.Tensor:
@@ -98,12 +122,7 @@ def nm_masks(model: nn.Module, config: PruningConfig) -> dict[str, torch.Tensor]
     for name, module in resolve_targets(model, config):
         s = _scores(name, module.weight, config)
         dim = input_dim(module)
-        rows = s.transpose(0, 1) if dim == 0 else s  # (out, in)
-        if rows.dim() != 2 or rows.shape[1] % m:
-            raise ValueError(
-                f"N:M pruning needs the input size of `{name}` {tuple(module.weight.shape)} to be divisible by m={m}; "
-                f"exclude it with exclude=[{name!r}] or pick another m."
-            )
+        rows = _nm_rows(name, module, s, m)
         groups = rows.reshape(-1, m)
         idx = groups.topk(n, dim=1).indices
         keep = torch.zeros_like(groups, dtype=torch.bool).scatter_(1, idx, True).view_as(rows)

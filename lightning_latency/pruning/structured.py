@@ -27,6 +27,7 @@ from torch import nn
 from torch_pruning.dependency import Dependency, Group, Node
 
 from lightning_latency.pruning.config import PruningConfig
+from lightning_latency.pruning.targets import effective, entry_matches
 
 _ORIGINAL_ATTR = "_lightning_latency_original_structure"
 
@@ -364,9 +365,9 @@ def prune_structured(model: nn.Module, config: PruningConfig, sparsity: float) -
     Returns the new :func:`structure`. Idempotent at a given sparsity; never grows a layer back.
     """
     attns, mlps = blocks_or_raise(model, config)
-    skip = [re.compile(p) for p in config.exclude]
-    attns = [a for a in attns if not any(p.search(a.name) for p in skip)]
-    mlps = [m for m in mlps if not any(p.search(m.name) for p in skip)]
+    skip = effective(model, config.exclude_patterns, "exclude")
+    attns = [a for a in attns if not any(entry_matches(p, a.name, a.module) for p in skip)]
+    mlps = [m for m in mlps if not any(entry_matches(p, m.name, m.module) for p in skip)]
     original = original_structure(model)
     imp = _importance(config)
     if config.prune_heads:
@@ -402,6 +403,24 @@ def prune_structured(model: nn.Module, config: PruningConfig, sparsity: float) -
                 shrink_mlp(m, [i for i in range(m.num_neurons) if i not in drop])
     update_hf_config(model)
     return structure(model)
+
+
+def unshrunk_blocks(model: nn.Module, config: PruningConfig, sparsity: float) -> list[str]:
+    """Targeted blocks left larger than ``sparsity`` asks (a shrink that did not take), as ``"<block> heads 4 > 2"``."""
+    attns, mlps = find_blocks(model, convert=False)
+    skip = effective(model, config.exclude_patterns, "exclude")
+    original, cap, out = original_structure(model), config.max_layer_sparsity, []
+    for a in attns if config.prune_heads else ():
+        orig = original.get(a.name, {})
+        h0, kv0 = orig.get("heads", a.num_heads), orig.get("kv_heads", a.num_kv_heads)
+        want = _keep_count(h0, sparsity, cap) if kv0 == h0 else kv0 * _keep_count(h0 // kv0, sparsity, cap)
+        if a.num_heads > want and not any(entry_matches(p, a.name, a.module) for p in skip):
+            out.append(f"{a.name} heads {a.num_heads} > {want}")
+    for m in mlps if config.prune_neurons else ():
+        want = _keep_count(original.get(m.name, {}).get("neurons", m.num_neurons), sparsity, cap)
+        if m.num_neurons > want and not any(entry_matches(p, m.name, m.module) for p in skip):
+            out.append(f"{m.name} neurons {m.num_neurons} > {want}")
+    return out
 
 
 def update_hf_config(model: nn.Module) -> None:

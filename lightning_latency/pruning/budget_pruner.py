@@ -1,0 +1,194 @@
+"""``BudgetPruner``: all per-run state of pruning to a latency budget, usable from a plain loop or a callback.
+
+It keeps a few training batches, measures :func:`layer_sensitivity` on them at ``start_step``, plans the removals
+(:func:`plan_budget`) and carries the plan out over ``steps`` pruning steps, measuring after each removal and
+stopping at the target. Its state (plan, progress, measurements, original structure) round-trips through
+``state_dict``; the calibration batches are not kept (a resumed run already has its plan).
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from torch import nn
+
+from lightning_latency.latency._inputs import detach_cpu, move_to
+from lightning_latency.pruning.budget import (
+    BudgetUnreachable,
+    LatencyFn,
+    LossFn,
+    Move,
+    SensitivityReport,
+    apply_moves,
+    check_fractions,
+    layer_sensitivity,
+    plan_budget,
+    prunable_units,
+    unit_counts,
+)
+from lightning_latency.pruning.structured import original_structure, set_original_structure
+
+Broadcast = Callable[[Any], Any]
+Say = Callable[[str], None]
+
+
+def _quiet(message: str) -> None:
+    return None
+
+
+def _hf_loss(model: nn.Module, batch: Any) -> Any:
+    return model(**batch).loss
+
+
+def _device(model: nn.Module) -> Any:
+    return next((p.device for p in model.parameters()), None)
+
+
+class BudgetPruner:
+    """Prune heads and MLP neurons, cheapest loss per saved millisecond first, until ``latency_fn`` meets a target.
+
+    Args:
+        target_ms: the latency to reach, in ms, as ``latency_fn`` measures it.
+        latency_fn: ``latency_fn(model) -> ms``.
+        loss_fn: ``loss_fn(model, batch) -> scalar`` for sensitivity; None: ``model(**batch).loss``.
+        start_step, every_n_steps, steps: first pruning step, steps between pruning steps, number of them.
+        calibration_batches: batches kept (detached, on CPU) for the sensitivity pass.
+        fractions, max_fraction: removal fractions tried per unit; the most of any layer that may go.
+    """
+
+    def __init__(self, target_ms: float, latency_fn: LatencyFn, loss_fn: LossFn | None = None, start_step: int = 0,
+                 every_n_steps: int = 10, steps: int = 4, calibration_batches: int = 4,
+                 fractions: Sequence[float] = (0.25, 0.5, 0.75), max_fraction: float = 0.75) -> None:
+        self.target_ms, self.latency_fn, self.loss_fn = float(target_ms), latency_fn, loss_fn or _hf_loss
+        self.start_step, self.every_n_steps, self.steps = start_step, every_n_steps, steps
+        self.calibration_batches, self.max_fraction = calibration_batches, max_fraction
+        self.fractions = check_fractions(fractions, max_fraction)
+        self.calibration: list[Any] = []
+        self.plan: list[Move] = []
+        self.applied = 0
+        self.done = False
+        self.history: list[tuple[int, float]] = []
+        self.original: dict[str, Any] = {}
+        self.report: SensitivityReport | None = None
+
+    @property
+    def measured_ms(self) -> float | None:
+        """The last measured latency (None before the first pruning step)."""
+        return self.history[-1][1] if self.history else None
+
+    @property
+    def allocation(self) -> list[Move]:
+        """The removals applied so far, in order."""
+        return self.plan[: self.applied]
+
+    def check(self, model: nn.Module, measure_floor: bool = True) -> None:
+        """Raise ValueError for a model with nothing to prune or (``measure_floor``, before a plan exists) a target
+        below what every allowed removal reaches."""
+        units = prunable_units(model)
+        original_structure(model)
+        if self.plan or not measure_floor:
+            return  # resumed: the floor was checked on the first run
+        floor_model = copy.deepcopy(model)
+        apply_moves(floor_model, [Move(b, k, self.max_fraction) for b, k in units])
+        floor = min(float(self.latency_fn(floor_model)) for _ in range(3))  # optimistic: refuse only the impossible
+        if floor > self.target_ms:
+            raise ValueError(
+                f"`target_ms`={self.target_ms:g} is below what pruning can reach: with `max_fraction`="
+                f"{self.max_fraction:g} of every layer's heads and neurons removed the model measures {floor:.3f} "
+                f"ms. Pass target_ms >= {floor:.3f}, raise max_fraction, or quantize as well.")
+
+    def restore(self, model: nn.Module) -> None:
+        if self.original:
+            set_original_structure(model, self.original)
+
+    def collect(self, batch: Any) -> None:
+        """Keep ``batch`` (detached copy on CPU) for the sensitivity pass, while one is still needed."""
+        if len(self.calibration) < self.calibration_batches and not self.plan:
+            self.calibration.append(detach_cpu(batch, clone=True))
+
+    def due(self, step: int) -> int | None:
+        """The pruning step index due at ``step``, or None."""
+        if self.done or step < self.start_step or (step - self.start_step) % self.every_n_steps:
+            return None
+        index = (step - self.start_step) // self.every_n_steps
+        return None if index >= self.steps and self.applied >= len(self.plan) else index
+
+    def maybe_prune(self, model: nn.Module, step: int, broadcast: Broadcast | None = None, info: Say = _quiet,
+                    warn: Say = _quiet) -> float | None:
+        """Plan (first time) and apply this step's share of the plan; the latency measured after it, else None."""
+        index = self.due(step)
+        if index is None:
+            return None
+        if not self.plan:
+            self._make_plan(model, broadcast, info, warn)
+        remaining = len(self.plan) - self.applied
+        chunk = remaining if index >= self.steps - 1 else -(-remaining // (self.steps - index))
+        measured = None
+        for _ in range(chunk):
+            apply_moves(model, [self.plan[self.applied]])
+            self.applied += 1
+            measured = self._measure(model)
+            if broadcast is not None:
+                measured = float(broadcast(measured))
+            if measured <= self.target_ms:
+                self.done = True
+                break
+        if measured is None:
+            return None
+        self.original = original_structure(model)
+        self.history.append((step, measured))
+        if not self.done and self.applied >= len(self.plan):
+            warn(f"every planned removal applied and the model measures {measured:.3f} ms, above `target_ms`="
+                 f"{self.target_ms:g}. Savings were smaller than the sensitivity pass predicted; quantize as well or "
+                 "raise max_fraction.")
+            self.done = True
+        return measured
+
+    def metrics(self, model: nn.Module, measured: float) -> dict[str, float]:
+        out = {"budget/target_ms": self.target_ms, "budget/measured_ms": measured,
+               "budget/removals": float(self.applied)}
+        out.update({f"budget/{block}/{kind}": float(kept) for (block, kind), kept in unit_counts(model).items()})
+        return out
+
+    def _make_plan(self, model: nn.Module, broadcast: Broadcast | None, info: Say, warn: Say) -> None:
+        device = _device(model)
+        batches = [move_to(b, device) for b in self.calibration] if device is not None else self.calibration
+        self.report = layer_sensitivity(model, self.loss_fn, batches, self.fractions, self.latency_fn,
+                                        self.max_fraction)
+        try:
+            plan = plan_budget(self.report, self.target_ms)
+        except BudgetUnreachable as err:  # prediction says no; the measurement may still get there
+            warn(f"{err} Applying every allowed removal.")
+            plan = [Move(r.block, r.kind, r.fraction) for r in sorted(self.report.rows,
+                                                                       key=lambda r: (r.fraction, r.block))]
+        rows = [(m.block, m.kind, m.fraction) for m in plan]
+        if broadcast is not None:  # one plan for all ranks: rank 0's measurements decide
+            rows = broadcast(rows)
+        self.plan, self.calibration = [Move(*r) for r in rows], []
+        info(f"target {self.target_ms:g} ms, dense {self.report.base_ms:.3f} ms; {len(self.plan)} removals "
+             f"planned\n{self.report.format()}")
+
+    def _measure(self, model: nn.Module) -> float:
+        """One measurement; one under the target is confirmed by the median of three, so one lucky run on a busy
+        machine does not stop the pruning early."""
+        first = float(self.latency_fn(model))
+        if first > self.target_ms:
+            return first
+        return sorted([first, float(self.latency_fn(model)), float(self.latency_fn(model))])[1]
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"plan": [(m.block, m.kind, m.fraction) for m in self.plan], "applied": self.applied,
+                "done": self.done, "history": list(self.history), "original": self.original}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Restore :meth:`state_dict` (keys read with defaults: checkpoints of older releases load)."""
+        self.plan = [Move(b, k, f) for b, k, f in state_dict.get("plan", [])]
+        self.applied = state_dict.get("applied", 0)
+        self.done = state_dict.get("done", False)
+        self.history = [tuple(h) for h in state_dict.get("history", [])]
+        self.original = dict(state_dict.get("original", {}))
+
+
+__all__ = ["BudgetPruner"]
