@@ -149,17 +149,6 @@ def test_final_backend_asks_the_callbacks_not_their_types() -> None:
     assert final_backend(model, [_Compressor(True)], False) == (None, None)
     assert final_backend(model, [_Compressor(True)], "ort") == ("ort", None)
     cfg = SimpleNamespace(backend=SimpleNamespace(value="x86_dynamic"))
-    # a QAT callback whose start step never came: the model is float, so it is deployed as compiled fp32
-    assert final_backend(model, [_Compressor(True), _Compressor(True, cfg)]) == ("fp32", cfg)
-
-
-def test_final_backend_uses_the_config_of_the_callback_that_quantized() -> None:
-    pytest.importorskip("torchao")
-    from lightning_latency.quantization import prepare_qat
-
-    model = nn.Sequential(nn.Linear(32, 32))
-    prepare_qat(model, "int8_dynamic")
-    cfg = SimpleNamespace(backend=SimpleNamespace(value="x86_dynamic"))
     assert final_backend(model, [_Compressor(True), _Compressor(True, cfg)]) == ("x86_dynamic", cfg)
 
 

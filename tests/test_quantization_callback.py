@@ -392,3 +392,13 @@ def test_ddp_ranks_share_ranges_and_weights(tmp_path: Path) -> None:
     assert any(k.endswith("weight_fake_quantizer.scale") for k in rank0)
     for key in rank0:
         torch.testing.assert_close(rank0[key], rank1[key], atol=0, rtol=0, msg=key)
+
+
+def test_deploy_config_only_once_the_model_is_quantized(tmp_path: Path) -> None:
+    # LatencyMonitor deploys the final form with this config: a QAT run whose start never came left a float model
+    late = QuantizationAwareTraining(start_step=100, convert_on_fit_end=False)
+    Trainer(callbacks=[late], **trainer_kwargs(tmp_path / "late", max_steps=2)).fit(HFModule())
+    assert late.compresses and late.deploy_config() is None
+    early = QuantizationAwareTraining(start_step=0)
+    Trainer(callbacks=[early], **trainer_kwargs(tmp_path / "early", max_steps=2)).fit(HFModule())
+    assert early.deploy_config() is early.config

@@ -89,9 +89,9 @@ def final_backend(module: nn.Module, callbacks: Iterable[Any], deploy_final: str
     compressors = [cb for cb in callbacks if getattr(cb, "compresses", False)]
     configs = [cb.deploy_config() for cb in compressors if callable(getattr(cb, "deploy_config", None))]
     config = next((c for c in configs if c is not None), None)
-    # The model's own state decides: a QAT callback whose start step never came left a float model (deployed as
-    # fp32), and a quantized model is deployed even when no callback says it compressed it.
-    quantized = _quantized(module)
+    # A callback's config says the model was quantized (QAT returns None until it has prepared the model); the
+    # model's own state too: a quantized model is deployed even when no callback says it compressed it.
+    quantized = _quantized(module) or config is not None
     if not (quantized or compressors):
         return None, None
     if deploy_final is not None:

@@ -105,8 +105,9 @@ class QuantizationAwareTraining(CompressionCallback):
             self.controller.check(target)
 
     @override
-    def deploy_config(self) -> QuantizationConfig:
-        return self.config
+    def deploy_config(self) -> QuantizationConfig | None:
+        # None while the model is still float (the start step never came): it is deployed as a float model then
+        return None if self.controller.phase is Phase.FLOAT else self.config
 
     # ------------------------------------------------------------------ hooks
     @override
