@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import warnings
 from pathlib import Path
 from typing import Any
@@ -13,7 +14,15 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from lightning_latency._compat import CallbackBase, Trainer
-from lightning_latency.distillation import DistillationLoss, HiddenStateLoss, student_from_teacher_layers
+from lightning_latency.distillation import (
+    DistillationLoss,
+    ForwardKLLoss,
+    HiddenStateLoss,
+    JSDLoss,
+    LogitMSELoss,
+    ReverseKLLoss,
+    student_from_teacher_layers,
+)
 from lightning_latency.distillation.module import DistillationModule
 
 
@@ -275,3 +284,21 @@ def test_magnitude_pruning_in_the_same_trainer_prunes_only_the_student(tmp_path:
     zeros = sum(int((w == 0).sum()) for w in linears) / sum(w.numel() for w in linears)
     assert zeros > 0.3  # the student was pruned
     assert all(torch.equal(t0[k], v) for k, v in teacher.state_dict().items())  # the teacher was not
+
+
+@pytest.mark.parametrize("preset", [ForwardKLLoss, ReverseKLLoss, JSDLoss, LogitMSELoss])
+def test_every_loss_preset_trains_in_a_distillation_module(tmp_path: Path, preset: type) -> None:
+    student, teacher = _bert_pair()
+    s0 = _clone_state(student)
+    loss = preset(temperature=2.0)
+    module = DistillationModule(student, teacher, loss=loss, alpha=1.0, lr=1e-2)
+    assert module.loss is loss
+    trainer = Trainer(**trainer_kwargs(tmp_path, max_steps=2, log_every_n_steps=1))
+    trainer.fit(module, _loader())
+    kd = [float(r["train_kd_loss"]) for r in read_csv_metrics(trainer) if r.get("train_kd_loss")]
+    assert kd and all(math.isfinite(v) and v > -1e-6 for v in kd)  # divergences: >= 0 up to fp32 rounding
+    assert any(not torch.equal(s0[k], v) for k, v in student.state_dict().items())
+    batch = next(iter(_loader()))
+    with torch.no_grad():  # the logged term is the preset's own value on the batch
+        expected = loss(student(input_ids=batch["input_ids"]).logits, teacher(input_ids=batch["input_ids"]).logits)
+        torch.testing.assert_close(module.compute_losses(batch)["kd_loss"], expected, rtol=1e-5, atol=1e-6)

@@ -30,7 +30,7 @@ import torch
 from torch import Tensor, nn
 
 from lightning_latency._compat import LightningModule
-from lightning_latency.distillation.losses import DistillationLoss, task_cross_entropy, token_mask, topk_forward_kl
+from lightning_latency.distillation.losses import DistillationLoss, task_cross_entropy, token_mask
 
 TOPK_VALUES = "teacher_topk_values"
 TOPK_INDICES = "teacher_topk_indices"
@@ -96,7 +96,10 @@ class DistillationModule(LightningModule):
         student: the model being trained (``self.student``; the target of pruning / QAT / latency callbacks).
         teacher: frozen reference model (``self.teacher``), or ``None`` for offline distillation from batches
             carrying ``teacher_topk_values`` / ``teacher_topk_indices`` (see :mod:`~.offline`).
-        loss: the logit loss; default ``DistillationLoss("forward_kl", temperature=1.0)``.
+        loss: the logit loss, any :class:`~.DistillationLoss` (presets such as ``ForwardKLLoss`` included);
+            default ``DistillationLoss("forward_kl", temperature=1.0)``. Its ``kind``, ``temperature``,
+            ``reduction``, ``chunk_size`` and ``beta`` apply to the live and the offline (top-k) teacher alike;
+            masking and the causal shift follow this module's ``shift_labels`` / ``ignore_index``.
         alpha: weight of the distillation term in ``[0, 1]``; the task loss gets ``1 - alpha``.
         intermediate: :class:`~.HiddenStateLoss` / :class:`~.AttentionLoss` modules (their projection weights
             are trained with the student).
@@ -154,7 +157,8 @@ class DistillationModule(LightningModule):
             teacher.requires_grad_(False).train()
         self.loss = loss if loss is not None else DistillationLoss()
         if not isinstance(self.loss, DistillationLoss):
-            raise ValueError(f"`loss` must be a DistillationLoss (or subclass), got {type(loss).__name__}.")
+            raise ValueError(f"`loss` must be a DistillationLoss (or a preset such as ForwardKLLoss), got "
+                             f"{type(loss).__name__}. Use loss=DistillationLoss(kind='forward_kl', temperature=2.0).")
         if isinstance(intermediate, nn.Module):
             intermediate = [intermediate]
         self.intermediate = nn.ModuleList(intermediate or [])
@@ -242,12 +246,9 @@ class DistillationModule(LightningModule):
                 out["intermediate_loss"] = self._intermediate(s_out, t_out, inputs.get("attention_mask"))
         elif has_topk:
             s_flat, keep = token_mask(s_logits, labels, attn, self.ignore_index, self.shift_labels)
-            values, indices = batch[TOPK_VALUES], batch[TOPK_INDICES]
-            if self.shift_labels:
-                values, indices = values[:, :-1], indices[:, :-1]
-            summed, kept = topk_forward_kl(s_flat, values.reshape(-1, values.shape[-1]),
-                                           indices.reshape(-1, indices.shape[-1]), self.loss.temperature, keep)
-            out["kd_loss"] = self.loss.scale * summed / kept.clamp_min(1)
+            values, _ = token_mask(batch[TOPK_VALUES], None, None, self.ignore_index, self.shift_labels)
+            indices, _ = token_mask(batch[TOPK_INDICES], None, None, self.ignore_index, self.shift_labels)
+            out["kd_loss"] = self.loss.flat_topk_loss(s_flat, values, indices, keep) if self.alpha > 0 else zero
         elif self.alpha > 0:
             raise ValueError(f"no teacher and no `{TOPK_VALUES}` in the batch: pass a teacher, or wrap the dataset "
                              f"with TopKLogitsDataset (offline distillation), or use alpha=0.")

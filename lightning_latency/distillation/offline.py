@@ -4,8 +4,10 @@
 with ``values`` ``(batch, [seq,] k)`` in fp16 and ``indices`` ``(batch, [seq,] k)`` in int32, plus a small
 ``meta.pt`` (k, count, temperature-free logits). :class:`TopKLogitsDataset` wraps the *same* dataset (same order)
 and adds ``teacher_topk_values`` / ``teacher_topk_indices`` to every item; :class:`~.DistillationModule` with
-``teacher=None`` then distils from them (forward KL on the teacher's top-k support, see
-:func:`~.losses.topk_forward_kl`).
+``teacher=None`` then distils from them with its loss's ``kind``, ``reduction`` and ``chunk_size``
+(:meth:`~.losses.DistillationLoss.topk_loss`; the teacher distribution is the softmax over its ``k`` stored
+logits). ``reverse_kl`` needs the whole distribution: cache it with ``k`` = the vocabulary size (e.g. the class
+count of a classifier) or it raises at the first batch.
 
 Storage: ``tokens * k * 6`` bytes (k=64 over 1M tokens: 384 MB) instead of ``tokens * vocab * 4``.
 """
