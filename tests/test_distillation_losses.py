@@ -8,15 +8,8 @@ import pytest
 import torch
 from torch.profiler import ProfilerActivity, profile
 
-from lightning_latency.distillation import (
-    DistillationLoss,
-    ForwardKLLoss,
-    JSDLoss,
-    LogitMSELoss,
-    ReverseKLLoss,
-    task_cross_entropy,
-    topk_forward_kl,
-)
+from lightning_latency.distillation.losses import (DistillationLoss, ForwardKLLoss, JSDLoss, LogitMSELoss,
+                                                  ReverseKLLoss, task_cross_entropy, topk_forward_kl)
 
 # student logits [0, 0] -> p_s = [1/2, 1/2]; teacher logits [ln 3, 0] -> p_t = [3/4, 1/4]
 S = torch.tensor([[0.0, 0.0]])

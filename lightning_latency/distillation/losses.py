@@ -318,14 +318,8 @@ class DistillationLoss(nn.Module):
         """``T**2`` for the divergences when ``scale_by_t2``, else 1 (never for ``mse``)."""
         return self.temperature**2 if self.scale_by_t2 and self.kind != LossKind.MSE else 1.0
 
-    def forward(
-        self,
-        student_logits: Tensor,
-        teacher_logits: Tensor,
-        labels: Tensor | None = None,
-        mask: Tensor | None = None,
-        num_items_in_batch: int | Tensor | None = None,
-    ) -> Tensor:
+    def forward(self, student_logits: Tensor, teacher_logits: Tensor, labels: Tensor | None = None,
+                mask: Tensor | None = None, num_items_in_batch: int | Tensor | None = None) -> Tensor:
         """Distillation loss between ``student_logits`` and ``teacher_logits``, both ``(..., vocab)``.
 
         Args:
@@ -344,15 +338,9 @@ class DistillationLoss(nn.Module):
         t, _ = token_mask(teacher_logits, None, None, self.ignore_index, self.shift_labels)
         return self.flat_loss(s, t, keep, num_items_in_batch)
 
-    def topk_loss(
-        self,
-        student_logits: Tensor,
-        topk_values: Tensor,
-        topk_indices: Tensor,
-        labels: Tensor | None = None,
-        mask: Tensor | None = None,
-        num_items_in_batch: int | Tensor | None = None,
-    ) -> Tensor:
+    def topk_loss(self, student_logits: Tensor, topk_values: Tensor, topk_indices: Tensor,
+                  labels: Tensor | None = None, mask: Tensor | None = None,
+                  num_items_in_batch: int | Tensor | None = None) -> Tensor:
         """The same loss against a teacher stored as its top-k logits (offline distillation).
 
         Args:
