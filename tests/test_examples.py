@@ -7,7 +7,7 @@ compiled deployment path has its own tests in ``test_quantization.py`` / ``test_
 
 from __future__ import annotations
 
-import importlib.util
+import importlib
 import json
 from pathlib import Path
 from types import ModuleType
@@ -21,12 +21,9 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def _example(name: str) -> ModuleType:
-    """Import ``examples/<name>.py`` as a module (examples/ is not a package; no sys.path edits)."""
-    spec = importlib.util.spec_from_file_location(f"example_{name}", ROOT / "examples" / f"{name}.py")
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    """``examples.<name>``: the examples are a package, importable because pytest puts the repository root on the path
+    (``pythonpath = ["."]`` in pyproject.toml)."""
+    return importlib.import_module(f"examples.{name}")
 
 
 @pytest.mark.real_weights
