@@ -302,3 +302,34 @@ def test_every_loss_preset_trains_in_a_distillation_module(tmp_path: Path, prese
     with torch.no_grad():  # the logged term is the preset's own value on the batch
         expected = loss(student(input_ids=batch["input_ids"]).logits, teacher(input_ids=batch["input_ids"]).logits)
         torch.testing.assert_close(module.compute_losses(batch)["kd_loss"], expected, rtol=1e-5, atol=1e-6)
+
+
+def test_a_label_count_mismatch_fails_at_the_first_batch_naming_both_models_and_the_fix(tmp_path: Path) -> None:
+    _, teacher = _bert_pair()
+    module = DistillationModule(tiny_bert(num_labels=3, layers=1), teacher)
+    trainer = Trainer(**trainer_kwargs(tmp_path, max_steps=2))
+    with pytest.raises(ValueError, match=r"`student` \(BertForSequenceClassification\) returns 3 classes per position "
+                                         r"but `teacher` \(BertForSequenceClassification\) returns 2.*num_labels=2"):
+        trainer.fit(module, _loader())
+    assert trainer.global_step == 0
+
+
+def test_a_vocabulary_mismatch_of_causal_lms_names_vocab_size(tmp_path: Path) -> None:
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    teacher = tiny_llama(layers=1)
+    student = LlamaForCausalLM(LlamaConfig(vocab_size=200, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                                           num_key_value_heads=1, intermediate_size=64))
+    module = DistillationModule(student, teacher)
+    with pytest.raises(ValueError, match=r"returns 200 vocabulary entries.*returns 128.*vocab_size=128"):
+        module.compute_losses(next(iter(_loader("llama"))))
+
+
+def test_an_out_of_range_layer_map_fails_at_the_first_batch(tmp_path: Path) -> None:
+    student, teacher = _bert_pair()  # student: 1 layer -> 2 hidden states; teacher: 2 layers -> 3
+    module = DistillationModule(student, teacher, intermediate=[HiddenStateLoss(64, 64, [(2, 2)])])
+    trainer = Trainer(**trainer_kwargs(tmp_path, max_steps=2))
+    with pytest.raises(ValueError, match=r"`layer_map` pair \(2, 2\) is out of range: the student returns 2 hidden "
+                                         r"states and the teacher 3.*even_layer_map\(1, 2\)"):
+        trainer.fit(module, _loader())
+    assert trainer.global_step == 0

@@ -28,6 +28,7 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
+from typing_extensions import override
 
 from lightning_latency._compat import LightningModule
 from lightning_latency.distillation.losses import DistillationLoss, task_cross_entropy, token_mask
@@ -192,7 +193,8 @@ class DistillationModule(LightningModule):
         """Parameters that receive gradients: the student's and the intermediate projections, never the teacher's."""
         return [p for n, p in self.named_parameters() if p.requires_grad and not n.startswith("teacher.")]
 
-    def configure_optimizers(self) -> Any:
+    @override
+    def configure_optimizers(self) -> torch.optim.Optimizer:
         return torch.optim.AdamW(self.trainable_parameters(), lr=self.lr, weight_decay=self.weight_decay)
 
     # ------------------------------------------------------------------ mechanics
@@ -211,6 +213,7 @@ class DistillationModule(LightningModule):
         """The module compression callbacks (pruning, QAT, latency) should act on: the student."""
         return self.student
 
+    @override
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         return self.student(*args, **kwargs)
 
@@ -239,8 +242,10 @@ class DistillationModule(LightningModule):
         has_topk = isinstance(batch, Mapping) and TOPK_VALUES in batch
         if self.teacher is not None:
             t_out = self.teacher_forward(inputs, **extra)
+            t_logits = self.logits(t_out)
+            _check_same_classes(s_logits, t_logits, self.student, self.teacher)
             s_flat, keep = token_mask(s_logits, labels, attn, self.ignore_index, self.shift_labels)
-            t_flat, _ = token_mask(self.logits(t_out), None, None, self.ignore_index, self.shift_labels)
+            t_flat, _ = token_mask(t_logits, None, None, self.ignore_index, self.shift_labels)
             out["kd_loss"] = self.loss.flat_loss(s_flat, t_flat, keep) if self.alpha > 0 else zero
             if len(self.intermediate):
                 out["intermediate_loss"] = self._intermediate(s_out, t_out, inputs.get("attention_mask"))
@@ -275,21 +280,25 @@ class DistillationModule(LightningModule):
         self.log_dict({f"{prefix}_{k}": v.detach() for k, v in terms.items()}, batch_size=batch_size,
                       prog_bar=False, sync_dist=prefix == "val")
 
+    @override
     def training_step(self, batch: Any, batch_idx: int) -> Tensor:
         terms = self.compute_losses(batch)
         self._log_terms("train", terms, _batch_size(batch))
         return terms["loss"]
 
+    @override
     def validation_step(self, batch: Any, batch_idx: int) -> None:
         self._log_terms("val", self.compute_losses(batch), _batch_size(batch))
 
     # ------------------------------------------------------------------ checkpoints without the teacher
+    @override
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         state = checkpoint.get("state_dict")
         if state is not None:
             for key in [k for k in state if k.startswith("teacher.")]:
                 del state[key]
 
+    @override
     def load_state_dict(self, state_dict: Mapping[str, Any], strict: bool = True, assign: bool = False) -> Any:
         """Load a (teacher-less) checkpoint: missing ``teacher.*`` keys are taken from the live teacher."""
         state = {k: v for k, v in state_dict.items() if self.teacher is not None or not k.startswith("teacher.")}
@@ -298,6 +307,22 @@ class DistillationModule(LightningModule):
                 state.setdefault(f"teacher.{k}", v)
         _reshape_pruned_student(self.student, state)
         return super().load_state_dict(state, strict=strict, assign=assign)
+
+
+def _check_same_classes(s_logits: Tensor, t_logits: Tensor, student: nn.Module, teacher: nn.Module) -> None:
+    """A logit loss needs one vocabulary / label set: say so at the first batch, naming both models and the fix."""
+    n_s, n_t = s_logits.shape[-1], t_logits.shape[-1]
+    if n_s == n_t:
+        return
+    what = "classes" if s_logits.dim() == 2 else "vocabulary entries"
+    raise ValueError(
+        f"`student` ({type(student).__name__}) returns {n_s} {what} per position but `teacher` "
+        f"({type(teacher).__name__}) returns {n_t}: a logit distillation loss compares the two distributions "
+        f"entry by entry, so both need the same vocabulary / label set. Build the student from the teacher "
+        f"(student_from_teacher_layers / student_from_pruned_teacher), or with num_labels={n_t} (classifiers) or the "
+        f"teacher's tokenizer and vocab_size={n_t} (LMs); or distil hidden states only: alpha=0 with "
+        f"intermediate=[HiddenStateLoss(...)]."
+    )
 
 
 def _reshape_pruned_student(student: nn.Module, state: Mapping[str, Any]) -> None:

@@ -21,7 +21,7 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, RandomSampler
 
 from lightning_latency.distillation.module import TOPK_INDICES, TOPK_VALUES, output_logits
 
@@ -58,8 +58,7 @@ def cache_teacher_topk(
     """
     if not isinstance(k, int) or k < 1:
         raise ValueError(f"`k` must be a positive int, got {k!r}. k=64 keeps nearly all the mass of an LM's softmax.")
-    sampler = getattr(loader, "sampler", None)
-    if sampler is not None and type(sampler).__name__ == "RandomSampler":
+    if isinstance(getattr(loader, "sampler", None), RandomSampler):
         raise ValueError("`loader` shuffles (RandomSampler): the cache must follow the dataset order. "
                          "Pass DataLoader(dataset, shuffle=False); shuffle later when training from the cache.")
     from tqdm.auto import tqdm
