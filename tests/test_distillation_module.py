@@ -208,6 +208,8 @@ def test_bf16_teacher_and_pure_distillation_without_labels() -> None:
         ({"teacher_dtype": "int8"}, "`teacher_dtype` must be one of"),
         ({"intermediate_weight": -1.0}, "`intermediate_weight` must be >= 0"),
         ({"loss": nn.MSELoss()}, "`loss` must be a DistillationLoss"),
+        ({"loss": DistillationLoss(shift_labels=True), "shift_labels": False}, "`shift_labels`=False contradicts"),
+        ({"loss": DistillationLoss(ignore_index=0)}, r"`ignore_index`=-100 differs from the loss's ignore_index=0"),
     ],
 )
 def test_misconfiguration(kwargs: dict, match: str) -> None:
@@ -333,3 +335,10 @@ def test_an_out_of_range_layer_map_fails_at_the_first_batch(tmp_path: Path) -> N
                                          r"states and the teacher 3.*even_layer_map\(1, 2\)"):
         trainer.fit(module, _loader())
     assert trainer.global_step == 0
+
+
+def test_a_loss_built_with_shift_labels_turns_the_modules_shift_on() -> None:
+    teacher = tiny_llama(layers=2)
+    module = DistillationModule(nn.Sequential(teacher), teacher=tiny_llama(layers=1),
+                                loss=DistillationLoss(shift_labels=True))
+    assert module.shift_labels  # a student the auto rule does not recognise, shifted because its loss says so

@@ -100,13 +100,15 @@ class DistillationModule(LightningModule):
         loss: the logit loss, any :class:`~.DistillationLoss` (presets such as ``ForwardKLLoss`` included);
             default ``DistillationLoss("forward_kl", temperature=1.0)``. Its ``kind``, ``temperature``,
             ``reduction``, ``chunk_size`` and ``beta`` apply to the live and the offline (top-k) teacher alike;
-            masking and the causal shift follow this module's ``shift_labels`` / ``ignore_index``.
+            the module masks and shifts for it (a loss built with ``shift_labels=True`` turns the shift on; an
+            ``ignore_index`` or ``shift_labels`` that contradicts the module's is a ``ValueError``).
         alpha: weight of the distillation term in ``[0, 1]``; the task loss gets ``1 - alpha``.
         intermediate: :class:`~.HiddenStateLoss` / :class:`~.AttentionLoss` modules (their projection weights
             are trained with the student).
         intermediate_weight: weight of the summed intermediate losses.
         teacher_dtype: cast the teacher once, e.g. ``"bfloat16"`` (logits are upcast to fp32 in the loss).
-        shift_labels: causal LM shift for token-level logits; ``None`` = automatic (``*ForCausalLM`` students).
+        shift_labels: causal LM shift for token-level logits; ``None`` = automatic (``*ForCausalLM`` /
+            ``*LMHeadModel`` students, or a loss built with ``shift_labels=True``).
         ignore_index: label value of positions left out of every loss.
         lr, weight_decay: AdamW settings of the default optimizer.
 
@@ -165,7 +167,9 @@ class DistillationModule(LightningModule):
         self.intermediate = nn.ModuleList(intermediate or [])
         self.alpha = float(alpha)
         self.intermediate_weight = float(intermediate_weight)
-        self.shift_labels = _is_causal_lm(student) if shift_labels is None else bool(shift_labels)
+        _check_loss_masking(self.loss, shift_labels, ignore_index)
+        auto_shift = self.loss.shift_labels or _is_causal_lm(student)
+        self.shift_labels = auto_shift if shift_labels is None else bool(shift_labels)
         self.ignore_index = ignore_index
         self.lr, self.weight_decay = float(lr), float(weight_decay)
 
@@ -307,6 +311,16 @@ class DistillationModule(LightningModule):
                 state.setdefault(f"teacher.{k}", v)
         _reshape_pruned_student(self.student, state)
         return super().load_state_dict(state, strict=strict, assign=assign)
+
+
+def _check_loss_masking(loss: DistillationLoss, shift_labels: bool | None, ignore_index: int) -> None:
+    """The module masks for its loss: a loss configured otherwise would be silently overruled, so refuse it."""
+    if shift_labels is False and loss.shift_labels:
+        raise ValueError("`shift_labels`=False contradicts the loss's shift_labels=True. The module applies the causal "
+                         "shift for its loss: pass shift_labels=True (or leave it None) or build the loss without it.")
+    if loss.ignore_index != ignore_index:
+        raise ValueError(f"`ignore_index`={ignore_index} differs from the loss's ignore_index={loss.ignore_index}. The "
+                         f"module masks for its loss: pass ignore_index={loss.ignore_index} to DistillationModule.")
 
 
 def _check_same_classes(s_logits: Tensor, t_logits: Tensor, student: nn.Module, teacher: nn.Module) -> None:
