@@ -323,8 +323,12 @@ def test_a_vocabulary_mismatch_of_causal_lms_names_vocab_size(tmp_path: Path) ->
     student = LlamaForCausalLM(LlamaConfig(vocab_size=200, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
                                            num_key_value_heads=1, intermediate_size=64))
     module = DistillationModule(student, teacher)
+    batch = next(iter(_loader("llama")))
     with pytest.raises(ValueError, match=r"returns 200 vocabulary entries.*returns 128.*vocab_size=128"):
-        module.compute_losses(next(iter(_loader("llama"))))
+        module.compute_losses(batch)
+    # the fix the message offers works: hidden states only (a learned projection maps width 32 to 64)
+    hidden_only = DistillationModule(student, teacher, alpha=0.0, intermediate=[HiddenStateLoss(32, 64, [(1, 1)])])
+    assert hidden_only.compute_losses(batch)["intermediate_loss"] > 0
 
 
 def test_an_out_of_range_layer_map_fails_at_the_first_batch(tmp_path: Path) -> None:

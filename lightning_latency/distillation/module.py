@@ -246,10 +246,11 @@ class DistillationModule(LightningModule):
         has_topk = isinstance(batch, Mapping) and TOPK_VALUES in batch
         if self.teacher is not None:
             t_out = self.teacher_forward(inputs, **extra)
-            t_logits = self.logits(t_out)
-            _check_same_classes(s_logits, t_logits, self.student, self.teacher)
-            s_flat, keep = token_mask(s_logits, labels, attn, self.ignore_index, self.shift_labels)
-            t_flat, _ = token_mask(t_logits, None, None, self.ignore_index, self.shift_labels)
+            if self.alpha > 0:
+                t_logits = self.logits(t_out)
+                _check_same_classes(s_logits, t_logits, self.student, self.teacher)
+                s_flat, keep = token_mask(s_logits, labels, attn, self.ignore_index, self.shift_labels)
+                t_flat, _ = token_mask(t_logits, None, None, self.ignore_index, self.shift_labels)
             out["kd_loss"] = self.loss.flat_loss(s_flat, t_flat, keep) if self.alpha > 0 else zero
             if len(self.intermediate):
                 out["intermediate_loss"] = self._intermediate(s_out, t_out, inputs.get("attention_mask"))
