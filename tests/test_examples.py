@@ -36,6 +36,25 @@ def test_example_plumbing_ships_outside_the_package() -> None:
     assert importlib.import_module("examples._support.tasks").accuracy  # and importable from the repository root
 
 
+def test_support_accuracy_pads_a_static_batch_and_counts_only_real_items() -> None:
+    import torch
+
+    from examples._support.tasks import EncodedDataset, accuracy, stack_inputs
+
+    ids = torch.tensor([[0], [1], [1], [0], [1]])
+    data = EncodedDataset({"input_ids": ids, "attention_mask": torch.ones_like(ids)}, torch.tensor([0, 1, 0, 0, 1]))
+    seen: list[tuple[int, tuple[str, ...]]] = []
+
+    def compiled_for_4(**inputs: torch.Tensor) -> torch.Tensor:  # a deployed form: one static batch size
+        seen.append((len(inputs["input_ids"]), tuple(inputs)))
+        return torch.nn.functional.one_hot(inputs["input_ids"][:, 0], 2).float()
+
+    assert accuracy(compiled_for_4, data, 4, static=True, keys=("input_ids",)) == pytest.approx(4 / 5)
+    assert seen == [(4, ("input_ids",)), (4, ("input_ids",))]  # the last item padded to 4, pads not counted
+    assert accuracy(compiled_for_4, list(torch.utils.data.DataLoader(data, batch_size=2))) == pytest.approx(4 / 5)
+    assert stack_inputs(data, 4, 2)["input_ids"].tolist() == [[1], [0]]  # wraps around, labels dropped
+
+
 @pytest.mark.real_weights
 def test_compress_classifier_quick_runs_every_stage_and_writes_table_json_chart(tmp_path: Path, capsys) -> None:
     results = _example("compress_classifier").main(["--quick", "--no-compile", "--out-dir", str(tmp_path)])
