@@ -1,5 +1,5 @@
 # Two commands do everything on a fresh clone:
-#   make demo   -> creates .venv if needed, runs the main job (examples/compress_classifier.py)
+#   make demo   -> creates .venv if needed, runs the main job (python -m examples.compress_classifier)
 #   make test   -> creates .venv if needed, runs the whole test suite
 PYTHON ?= python3
 VENV ?= .venv
@@ -26,13 +26,13 @@ $(VENV)/.installed: pyproject.toml Makefile
 	touch $@
 
 demo: env
-	HF_HUB_OFFLINE=1 $(PY) examples/compress_classifier.py $(DEMO_ARGS)
+	HF_HUB_OFFLINE=1 $(PY) -m examples.compress_classifier $(DEMO_ARGS)
 
 test: env
 	HF_HUB_OFFLINE=1 $(PY) -m pytest $(PYTEST_ARGS)
 
 bench: env
-	HF_HUB_OFFLINE=1 $(PY) benchmarks/run_all.py
+	HF_HUB_OFFLINE=1 $(PY) -m benchmarks.run_all
 
 clean:
 	rm -rf $(VENV) lightning_logs .pytest_cache

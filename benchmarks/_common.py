@@ -2,7 +2,7 @@
 
 Every ``benchmarks/bench_*.py`` defines ``main(quick: bool = False) -> list[dict]`` returning rows with keys
 ``benchmark``, ``metric``, ``value`` (a string, e.g. "×2.13"), ``spread`` (e.g. "IQR/median 4%"), ``target`` and ``note``,
-and is runnable on its own (``python benchmarks/bench_x.py [--quick]``). ``run_all.py`` runs them all in one process.
+and is runnable on its own (``python -m benchmarks.bench_x [--quick]``). ``run_all.py`` runs them all in one process.
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """Compress to a latency budget on the real fine-tuned MiniLM-L6: budget allocation vs uniform structured pruning.
 
-    .venv/bin/python benchmarks/bench_budget.py [--quick]
+    python -m benchmarks.bench_budget [--quick]
 
 Budget = 40% of the dense model's p50 at batch 1, seq 48 (eager fp32, 2 threads), measured on this machine at the
 start of the run. Per paired seed:
@@ -19,7 +19,8 @@ import statistics
 from typing import Any
 
 import torch
-from _common import cli, row
+
+from benchmarks._common import cli, row
 
 BENCH = "budget"
 SEQ = 48
@@ -81,15 +82,8 @@ def _uniform_sparsity(teacher: torch.nn.Module, target_ms: float, fn: Any, itera
     return high
 
 
-def _fit(module: Any, callbacks: list, steps: int) -> None:
-    from lightning_latency._compat import Trainer
-
-    Trainer(accelerator="cpu", devices=1, max_steps=steps, logger=False, enable_checkpointing=False,
-            enable_progress_bar=False, enable_model_summary=False, callbacks=callbacks).fit(module)
-
-
 def main(quick: bool = False) -> list[dict[str, str]]:
-    from lightning_latency import tasks
+    from examples._support import tasks
     from lightning_latency.pruning.budget_callback import LatencyBudgetPruning
     from lightning_latency.pruning.callback import MagnitudePruning
 
@@ -112,7 +106,7 @@ def main(quick: bool = False) -> list[dict[str, str]]:
         callback = LatencyBudgetPruning(target_ms=target, latency_fn=fn, start=10, frequency=10, steps=3,
                                         calibration_batches=4, fractions=(0.25, 0.5, 0.75, 0.9), max_fraction=0.9,
                                         model_attr="model")
-        _fit(_Classifier.build(student, train, seed, 16, 5e-5), [callback], steps)
+        tasks.fit(_Classifier.build(student, train, seed, 16, 5e-5), None, steps, callbacks=[callback])
         budget_ms.append(_settled(fn, student.eval()))
         history.append(" → ".join(f"{ms:.1f}" for _, ms in callback._history))
         removals.append(len(callback.allocation))
@@ -124,7 +118,7 @@ def main(quick: bool = False) -> list[dict[str, str]]:
         uniform = copy.deepcopy(teacher).train()
         pruning = MagnitudePruning(mode="structured", final_sparsity=sparsity, start=10, end=30, frequency=10,
                                    max_layer_sparsity=0.9, model_attr="model")
-        _fit(_Classifier.build(uniform, train, seed, 16, 5e-5), [pruning], steps)
+        tasks.fit(_Classifier.build(uniform, train, seed, 16, 5e-5), None, steps, callbacks=[pruning])
         uniform_ms.append(_settled(fn, uniform.eval()))
         uniform_acc.append(tasks.accuracy(uniform, test))
 

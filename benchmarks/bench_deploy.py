@@ -10,7 +10,7 @@ fp32 eager to the same interleaved rounds, so there is no second, different meas
 Accuracy of each quantized form on the held-out split (post-training quantization of the fine-tuned fp32 model,
 static activation ranges from 8 training batches), against fp32.
 
-Run: ``python benchmarks/bench_deploy.py`` (~10–15 min on a quiet 2-core machine: about a dozen compiles),
+Run: ``python -m benchmarks.bench_deploy`` (~10–15 min on a quiet 2-core machine: about a dozen compiles),
 ``--quick`` (tiny teacher fine-tune, batch 1 only, one round: a smoke run, numbers not meaningful).
 """
 
@@ -19,11 +19,8 @@ from __future__ import annotations
 import time
 from typing import Any
 
-import torch
-from _common import cli, row
-from torch.utils.data import DataLoader
-
-from lightning_latency import tasks
+from benchmarks._common import cli, row
+from examples._support import tasks
 from lightning_latency.latency import LatencyConfig, compare_latency
 from lightning_latency.quantization import deploy
 
@@ -40,26 +37,7 @@ def _settings(quick: bool) -> dict[str, Any]:
                 max_time_s=3.0, calib=8)
 
 
-def _inputs(dataset: Any, start: int, batch: int) -> dict[str, torch.Tensor]:
-    items = [dataset[(start + i) % len(dataset)] for i in range(batch)]
-    return {k: torch.stack([it[k] for it in items]) for k in ("input_ids", "attention_mask")}
-
-
-@torch.inference_mode()
-def _accuracy(model: Any, dataset: Any, batch: int) -> float:
-    """Held-out accuracy of a form compiled for ``batch``: the last batch padded by repetition, pads not counted."""
-    correct = total = 0
-    for b in DataLoader(dataset, batch_size=batch):
-        labels = b["labels"]
-        n = len(labels)
-        x = {k: b[k] for k in ("input_ids", "attention_mask")}
-        if n < batch:
-            x = {k: torch.cat([v, v[:1].expand(batch - n, *v.shape[1:])]) for k, v in x.items()}
-        out = model(**x)
-        logits = (out.logits if hasattr(out, "logits") else out)[:n]
-        correct += int((logits.argmax(-1) == labels).sum())
-        total += n
-    return correct / max(total, 1)
+KEYS = ("input_ids", "attention_mask")  # the deployed graphs' inputs
 
 
 def _spread_text(medians: list[float]) -> str:
@@ -78,12 +56,12 @@ def main(quick: bool = False) -> list[dict[str, str]]:
     config = LatencyConfig(warmup=3, min_runs=s["runs"], min_time_s=0.2, max_time_s=s["max_time_s"],
                            track_memory=False)
     rows: list[dict[str, str]] = []
-    fp32_acc = _accuracy(teacher, test, 64)
+    fp32_acc = tasks.accuracy(teacher, test, 64, keys=KEYS)
     rows.append(row(BENCH, "accuracy: torch fp32", f"{100 * fp32_acc:.1f}%", "", "",
                     f"fine-tuned MiniLM-L6, {len(test)} held-out snippets, seq {s['seq']}"))
     for b in s["batches"]:
-        inputs = _inputs(test, 0, b)
-        calibration = [_inputs(train, b * i, b) for i in range(1, s["calib"] + 1)]
+        inputs = tasks.stack_inputs(test, 0, b, KEYS)
+        calibration = [tasks.stack_inputs(train, b * i, b, KEYS) for i in range(1, s["calib"] + 1)]
         seen: dict[str, Any] = {}
 
         def timer(models: dict[str, Any], x: Any, rounds: int) -> dict[str, list[float]]:
@@ -120,7 +98,7 @@ def main(quick: bool = False) -> list[dict[str, str]]:
             for name, form in seen["models"].items():
                 if not form.quantized and name not in ("bf16",):
                     continue
-                acc = _accuracy(form, test, b)
+                acc = tasks.accuracy(form, test, b, static=True, keys=KEYS)
                 rows.append(row(BENCH, f"accuracy: {names.get(name, name)}", f"{100 * acc:.1f}%", "",
                                 "within 0.5 pt of fp32" if name == chosen.backend else "",
                                 f"{100 * (acc - fp32_acc):+.1f} pt vs fp32" +

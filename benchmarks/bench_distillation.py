@@ -10,7 +10,7 @@
    Same steps on BBC News text with the LM loss alone vs with distillation from the live teacher (0.5·KL + 0.5·LM
    loss), on 2 data orders; held-out perplexity of both, of the untrained pruned student and of the teacher.
 
-Run: ``python benchmarks/bench_distillation.py [--quick]``. Word embeddings are frozen in every trained model
+Run: ``python -m benchmarks.bench_distillation [--quick]``. Word embeddings are frozen in every trained model
 (both arms alike) to keep the run within a few minutes on 2 cores.
 """
 
@@ -19,17 +19,16 @@ from __future__ import annotations
 import copy
 import hashlib
 import json
-import logging
 import math
 import statistics
 import time
 from typing import Any
 
 import torch
-from _common import cli, row
 from torch.utils.data import DataLoader, Dataset
 
-from lightning_latency import assets
+from benchmarks._common import cli, row
+from examples._support import assets, tasks
 from lightning_latency.distillation import DistillationLoss, student_from_pruned_teacher, student_from_teacher_layers
 from lightning_latency.distillation.module import DistillationModule
 from lightning_latency.distillation.offline import TopKLogitsDataset, cache_teacher_topk
@@ -72,45 +71,19 @@ def _freeze_word_embeddings(model: torch.nn.Module) -> torch.nn.Module:
     return model
 
 
-def _fit(module: DistillationModule, loader: DataLoader, steps: int, seed: int) -> None:
-    from lightning_latency._compat import Trainer, pl
-
-    for name in ("pytorch_lightning", "lightning.pytorch", "lightning"):
-        logging.getLogger(name).setLevel(logging.WARNING)  # a "GPU available" banner per run is noise here
-    pl.seed_everything(seed, workers=True, verbose=False)
-    trainer = Trainer(accelerator="cpu", devices=1, max_steps=steps, logger=False, enable_checkpointing=False,
-                      enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0)
-    trainer.fit(module, loader)
-
-
-@torch.no_grad()
-def _accuracy(model: torch.nn.Module, data: _Encoded, batch_size: int = 64) -> float:
-    model.eval()
-    correct = 0
-    for batch in DataLoader(data, batch_size=batch_size, collate_fn=_pad_collate):
-        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-        correct += int((logits.argmax(-1) == batch["labels"]).sum())
-    return correct / len(data)
-
-
 # ---------------------------------------------------------------------------------------------- 1. classification
-def _teacher(settings: dict[str, Any], train: _Encoded) -> Any:
+def _teacher(settings: dict[str, Any], train: _Encoded) -> tuple[Any, bool]:
     """Fine-tune MiniLM-L6 on the teacher split, or load it from the cache keyed by ``settings``."""
-    from transformers import AutoModelForSequenceClassification
-
     key = hashlib.sha1(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:12]
-    folder = assets.cache_dir() / f"bench-distillation-minilm-rt-{key}"
-    if (folder / "config.json").exists():
-        return AutoModelForSequenceClassification.from_pretrained(folder).eval(), True
     model, _ = assets.load_minilm(num_labels=2)
-    _freeze_word_embeddings(model)
-    module = DistillationModule(model, None, alpha=0.0, lr=settings["lr"])  # alpha=0: plain fine-tuning
-    loader = DataLoader(train, batch_size=settings["batch"], shuffle=True, collate_fn=_pad_collate)
-    _fit(module, loader, settings["steps"], seed=0)
-    tmp = folder.with_name(folder.name + ".tmp")
-    model.save_pretrained(tmp)
-    tmp.rename(folder)
-    return model.eval(), False
+
+    def train_fn(m: torch.nn.Module) -> None:
+        _freeze_word_embeddings(m)
+        module = DistillationModule(m, None, alpha=0.0, lr=settings["lr"])  # alpha=0: plain fine-tuning
+        loader = DataLoader(train, batch_size=settings["batch"], shuffle=True, collate_fn=_pad_collate)
+        tasks.fit(module, loader, settings["steps"], seed=0)
+
+    return tasks.cached_weights(model, f"bench-distillation-minilm-rt-{key}", settings, train_fn)
 
 
 def _classification(quick: bool) -> list[dict[str, str]]:
@@ -130,7 +103,7 @@ def _classification(quick: bool) -> list[dict[str, str]]:
     t0 = time.perf_counter()
     teacher, cached = _teacher(t_settings, teach)
     teacher_s = time.perf_counter() - t0
-    teacher_acc = _accuracy(teacher, test)
+    teacher_acc = tasks.accuracy(teacher, test, collate_fn=_pad_collate)
 
     # Offline distillation: the teacher's logits on the transfer split are computed once for all seeds.
     cache = assets.cache_dir() / f"bench-distillation-rt-logits-{'quick' if quick else 'full'}"
@@ -146,8 +119,8 @@ def _classification(quick: bool) -> list[dict[str, str]]:
             student = _freeze_word_embeddings(student_from_teacher_layers(teacher, [0, 2, 4]))
             module = DistillationModule(student, None, loss=DistillationLoss(temperature=temperature), alpha=a,
                                         lr=5e-5)
-            _fit(module, DataLoader(data, batch_size=batch, shuffle=True, collate_fn=_pad_collate), s_steps, seed)
-            accs[arm].append(_accuracy(student, test))
+            tasks.fit(module, DataLoader(data, batch_size=batch, shuffle=True, collate_fn=_pad_collate), s_steps, seed)
+            accs[arm].append(tasks.accuracy(student, test, collate_fn=_pad_collate))
     train_s = time.perf_counter() - t0
 
     def ms(xs: list[float]) -> str:
@@ -191,18 +164,6 @@ def _latency_row(bench: str, teacher: Any, student: Any, inputs: dict[str, torch
 
 
 # ---------------------------------------------------------------------------------------------- 2. language model
-@torch.no_grad()
-def _perplexity(model: torch.nn.Module, blocks: torch.Tensor) -> float:
-    model.eval()
-    nll, count = 0.0, 0
-    for i in range(0, len(blocks), 4):
-        ids = blocks[i:i + 4]
-        loss = model(input_ids=ids, labels=ids).loss
-        nll += float(loss) * ids.numel() - float(loss) * ids.shape[0]
-        count += ids.numel() - ids.shape[0]
-    return math.exp(nll / count)
-
-
 def _llm(quick: bool) -> list[dict[str, str]]:
     seq, steps, batch, seeds = (32, 2, 2, [0]) if quick else (96, 40, 4, [0, 1])
     n_test, n_calib, sparsity = (4, 1, 0.25) if quick else (48, 4, 0.25)
@@ -214,14 +175,14 @@ def _llm(quick: bool) -> list[dict[str, str]]:
     order = torch.randperm(len(texts), generator=torch.Generator().manual_seed(0)).tolist()
     ids = tok("\n\n".join(texts[i] for i in order[:400]), return_tensors="pt")["input_ids"][0]
     blocks = ids[: (len(ids) // seq) * seq].view(-1, seq)
-    test, train = blocks[:n_test], blocks[n_test:n_test + steps * batch]
+    test, train = tasks.lm_blocks(blocks[:n_test]), blocks[n_test:n_test + steps * batch]
     items = [{"input_ids": b, "attention_mask": torch.ones_like(b), "labels": b} for b in train]
 
     # Taylor importance (|w·grad|) on a few training batches: magnitude alone wrecks SmolLM2 (see the row below).
     calibration = [{"input_ids": b, "labels": b} for b in train[: n_calib * batch].split(batch)]
     pruned = student_from_pruned_teacher(teacher, sparsity=sparsity, importance="taylor", calibration=calibration)
     by_magnitude = student_from_pruned_teacher(teacher, sparsity=sparsity)
-    ppl_teacher, ppl_pruned, ppl_magnitude = (_perplexity(m, test) for m in (teacher, pruned, by_magnitude))
+    ppl_teacher, ppl_pruned, ppl_magnitude = (tasks.perplexity(m, test, 4) for m in (teacher, pruned, by_magnitude))
     del by_magnitude
     result: dict[str, list[float]] = {"LM loss only": [], "distilled": []}
     student = pruned
@@ -231,8 +192,8 @@ def _llm(quick: bool) -> list[dict[str, str]]:
             student = _freeze_word_embeddings(copy.deepcopy(pruned))
             module = DistillationModule(student, t, loss=DistillationLoss(temperature=1.0, chunk_size=512), alpha=a,
                                         lr=lr)
-            _fit(module, DataLoader(_Encoded(items), batch_size=batch, shuffle=True), steps, seed=seed)
-            result[arm].append(_perplexity(student, test))
+            tasks.fit(module, DataLoader(_Encoded(items), batch_size=batch, shuffle=True), steps, seed=seed)
+            result[arm].append(tasks.perplexity(student, test, 4))
     train_s = time.perf_counter() - t0
     params = lambda m: sum(p.numel() for p in m.parameters()) / 1e6  # noqa: E731
     ratios = [p / d for p, d in zip(result["LM loss only"], result["distilled"])]
@@ -256,7 +217,7 @@ def _llm(quick: bool) -> list[dict[str, str]]:
             f"per seed {', '.join(f'×{r:.2f}' for r in ratios)}", "> 1 on every seed",
             f"distillation wins on {sum(r > 1 for r in ratios)}/{len(ratios)} seeds"),
     ]
-    rows.append(_latency_row(bench, teacher, student, {"input_ids": test[:1]}, quick))
+    rows.append(_latency_row(bench, teacher, student, {"input_ids": blocks[:1]}, quick))
     return rows
 
 

@@ -7,7 +7,7 @@
    interleaved repeats; the median wall-time ratio should be ≤ 1.02. The monitor's self-timed cost is reported too
    (less noisy than a difference of two noisy wall times).
 
-Run: ``python benchmarks/bench_latency.py [--quick]``.
+Run: ``python -m benchmarks.bench_latency [--quick]``.
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ import time
 from typing import Any
 
 import torch
-from _common import cli, row, setup
+from benchmarks._common import cli, row, setup
 
 
 def _spread(values: list[float]) -> str:
@@ -30,7 +30,7 @@ def _spread(values: list[float]) -> str:
 def accuracy(quick: bool) -> list[dict[str, str]]:
     from torch.utils.benchmark import Timer
 
-    from lightning_latency.assets import load_minilm
+    from examples._support.assets import load_minilm
     from lightning_latency.latency import LatencyConfig, measure_latency
 
     model, tok = load_minilm()

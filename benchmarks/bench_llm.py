@@ -21,7 +21,7 @@ Rotten Tomatoes review text (no step trains on either).
 minimum): int4 group-32 PTQ of the *teacher* is nearly lossless by construction (our grid differs only by bf16
 rounding of the scale) and proves nothing about int4 on a model trained in float. Judge int4 on the ``--student`` rows.
 
-Run: ``python benchmarks/bench_llm.py`` (teacher rows; compiles 5 decode steps, ~10 min on a quiet 2-core machine),
+Run: ``python -m benchmarks.bench_llm`` (teacher rows; compiles 5 decode steps, ~10 min on a quiet 2-core machine),
 ``--student`` (adds the KD + QAT rows, +10–20 min), ``--quick`` (tiny random Llama with the real tokenizer and text;
 smoke run, numbers not meaningful).
 """
@@ -36,11 +36,11 @@ import time
 from typing import Any
 
 import torch
-from _common import machine_line, row, setup, table
 from torch import nn
 from torch.utils.data import DataLoader, Subset
 
-from lightning_latency import assets, tasks
+from benchmarks._common import machine_line, row, setup, table
+from examples._support import assets, tasks
 from lightning_latency.latency import LatencyConfig, measure_generation, model_stats
 from lightning_latency.latency.fast_generation import fast_generate, measure_bandwidth
 from lightning_latency.quantization.weight_only import quantize_weight_only
@@ -86,17 +86,7 @@ def _review_blocks(tokenizer: Any, n_blocks: int, seq: int) -> tasks.EncodedData
     texts, _ = assets.rotten_tomatoes()
     order = list(range(len(texts)))
     random.Random(0).shuffle(order)
-    blocks: list[list[int]] = []
-    buf: list[int] = []
-    for i in order:
-        buf.extend(tokenizer(texts[i])["input_ids"] + [tokenizer.eos_token_id])
-        while len(buf) >= seq and len(blocks) < n_blocks:
-            blocks.append(buf[:seq])
-            buf = buf[seq:]
-        if len(blocks) >= n_blocks:
-            break
-    ids = torch.tensor(blocks)
-    return tasks.EncodedDataset({"input_ids": ids, "attention_mask": torch.ones_like(ids)}, ids.clone())
+    return tasks.pack_blocks(tokenizer, (texts[i] for i in order), seq, n_blocks)
 
 
 def _variants(base: nn.Module, prefix: str = "") -> dict[str, tuple[nn.Module, bool]]:
@@ -121,16 +111,12 @@ def _variants(base: nn.Module, prefix: str = "") -> dict[str, tuple[nn.Module, b
 def _distil(student: nn.Module, teacher: nn.Module, train: Any, steps: int, batch: int, lr: float,
             seed: int = 0) -> nn.Module:
     """KD (forward KL + LM loss) of ``student`` from ``teacher`` in one Lightning fit; returns the student (eval)."""
-    import pytorch_lightning as pl
-
     from lightning_latency import DistillationLoss, DistillationModule
 
     module = DistillationModule(student.train(), tasks.frozen_copy(teacher), loss=DistillationLoss(temperature=1.0),
                                 alpha=0.5, lr=lr)
-    trainer = pl.Trainer(accelerator="cpu", devices=1, max_steps=steps, logger=False, enable_checkpointing=False,
-                         enable_model_summary=False, enable_progress_bar=False, num_sanity_val_steps=0)
-    trainer.fit(module, DataLoader(train, batch_size=batch, shuffle=True,
-                                   generator=torch.Generator().manual_seed(seed)))
+    tasks.fit(module, DataLoader(train, batch_size=batch, shuffle=True, generator=torch.Generator().manual_seed(seed)),
+              steps)
     return module.student.eval()
 
 

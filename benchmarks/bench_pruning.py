@@ -1,7 +1,7 @@
 """Pruning on the real all-MiniLM-L6-v2: latency of dense vs structured-50% vs unstructured-50% (batch 1, seq 128,
 CPU), eager and deployment form (torch.compile + inductor freezing), and the training-step overhead of the callback.
 
-    .venv/bin/python benchmarks/bench_pruning.py [--quick]
+    python -m benchmarks.bench_pruning [--quick]
 
 Ratios are measured side by side in one process (interleaved rounds, best median per model; spread = IQR/median of
 the reported round). Structured 50% = half the attention heads and half the MLP neurons of every layer, one shot,
@@ -16,13 +16,13 @@ import time
 from typing import Any
 
 import torch
-from _common import cli, row, setup
+from benchmarks._common import cli, row, setup
 
 BENCH = "pruning"
 
 
 def _inputs(tokenizer: Any, seq: int) -> dict[str, torch.Tensor]:
-    from lightning_latency import assets
+    from examples._support import assets
 
     texts, _ = assets.rotten_tomatoes()
     enc = tokenizer(" ".join(texts[:40]), truncation=True, max_length=seq, padding="max_length", return_tensors="pt")
@@ -39,7 +39,7 @@ def _min_ratio(report: Any, baseline: Any) -> str:
 
 
 def _latency_rows(quick: bool) -> list[dict[str, str]]:
-    from lightning_latency import assets
+    from examples._support import assets
     from lightning_latency.latency import LatencyConfig, compare_latency
     from lightning_latency.pruning import PruningConfig, prune_step, structure
 
@@ -97,7 +97,7 @@ def _overhead_rows(quick: bool) -> list[dict[str, str]]:
     the step. Comparing whole-step times of separate fits was useless here (steps vary ×2–×10 on a busy machine)."""
     from torch.utils.data import DataLoader, TensorDataset
 
-    from lightning_latency import assets
+    from examples._support import assets
     from lightning_latency._compat import CallbackBase, LightningModule, Trainer
     from lightning_latency.pruning.callback import MagnitudePruning
 

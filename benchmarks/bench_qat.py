@@ -9,7 +9,7 @@ One run, side by side:
 * latency at seq 128, batch 1 and 32: fp32 eager vs bf16 autocast vs QAT→int8 deployment form (PT2E x86, compiled
   with inductor freezing), measured interleaved with :func:`lightning_latency.latency.compare_latency`.
 
-Run: ``python benchmarks/bench_qat.py`` (~5 min on a quiet 2-core machine), ``--quick`` (smoke run, numbers not
+Run: ``python -m benchmarks.bench_qat`` (~5 min on a quiet 2-core machine), ``--quick`` (smoke run, numbers not
 meaningful), ``--full`` (600 training steps and a 2048-example held-out split).
 """
 
@@ -24,10 +24,11 @@ import time
 from typing import Any
 
 import torch
-from _common import cli, row
 from torch import nn
 
-from lightning_latency.assets import load_minilm, rotten_tomatoes
+from benchmarks._common import cli, row
+from examples._support import tasks
+from examples._support.assets import load_minilm, rotten_tomatoes
 from lightning_latency.quantization import QuantizationConfig, deploy, prepare_qat, weight_error
 
 BENCH = "qat"
@@ -113,18 +114,6 @@ def _step_ratio(fp32: nn.Module, qat: nn.Module, batch: dict, rounds: int = 3, s
     return best, (max(ratios) - best) / best
 
 
-@torch.no_grad()
-def _accuracy(model: Any, batches: list[dict]) -> float:
-    if isinstance(model, nn.Module):
-        model.eval()
-    correct = total = 0
-    for batch in batches:
-        logits = model(**_inputs(batch)).logits
-        correct += int((logits.argmax(-1) == batch["labels"]).sum())
-        total += len(batch["labels"])
-    return correct / total
-
-
 def _latency_inputs(tokenizer: Any, texts: list[str], batch: int, seq: int = 128) -> dict[str, torch.Tensor]:
     enc = tokenizer((texts * batch)[:batch], padding="max_length", truncation=True, max_length=seq,
                     return_tensors="pt")
@@ -157,10 +146,10 @@ def main(quick: bool = False, full: bool = False) -> list[dict[str, str]]:
     calib = [{k: torch.cat([g[k] for g in group]) for k in ("input_ids", "attention_mask")} for group in groups]
     example = _inputs(held_out[0])
     acc = {
-        "fp32": _accuracy(fp32, held_out),
-        "PTQ int8 (x86, no QAT)": _accuracy(deploy(fp32, example, config, calibration=calib, compile=False), held_out),
-        "QAT fake-quant": _accuracy(qat, held_out),
-        "QAT int8 (x86 deploy)": _accuracy(deploy(qat, example, config, calibration=calib, compile=False), held_out),
+        "fp32": tasks.accuracy(fp32, held_out),
+        "PTQ int8 (x86, no QAT)": tasks.accuracy(deploy(fp32, example, config, calibration=calib, compile=False), held_out),
+        "QAT fake-quant": tasks.accuracy(qat, held_out),
+        "QAT int8 (x86 deploy)": tasks.accuracy(deploy(qat, example, config, calibration=calib, compile=False), held_out),
     }
 
     rows = []

@@ -1,8 +1,8 @@
 """Run every benchmark side by side in one process and print one markdown table of ratios.
 
-    make bench                          # all benchmarks, default sizes (the README's numbers)
-    .venv/bin/python benchmarks/run_all.py --quick          # smoke run, numbers not meaningful
-    .venv/bin/python benchmarks/run_all.py --only pruning qat
+    make bench                                  # all benchmarks, default sizes (the README's numbers)
+    python -m benchmarks.run_all --quick        # smoke run, numbers not meaningful
+    python -m benchmarks.run_all --only pruning qat
 
 The table (with the machine line) is also written to ``benchmarks/results.md``.
 """
@@ -16,7 +16,7 @@ import time
 import traceback
 from pathlib import Path
 
-from _common import machine_line, row, setup, table
+from benchmarks._common import machine_line, row, setup, table
 
 HERE = Path(__file__).resolve().parent
 ORDER = ["latency", "pruning", "qat", "deploy", "distillation", "llm"]
@@ -46,7 +46,7 @@ def main() -> int:
         start = time.perf_counter()
         print(f"== bench_{name} ...", file=sys.stderr, flush=True)
         try:
-            module = importlib.import_module(f"bench_{name}")
+            module = importlib.import_module(f"benchmarks.bench_{name}")
             rows.extend(module.main(quick=args.quick))
         except Exception as exc:  # one broken benchmark must not hide the others' numbers
             traceback.print_exc()
@@ -55,7 +55,7 @@ def main() -> int:
         durations.append(f"{name} {time.perf_counter() - start:.0f} s")
         print(f"== bench_{name} done in {time.perf_counter() - start:.0f}s", file=sys.stderr, flush=True)
     header = f"Machine: {machine_line()} (threads fixed at {threads}){' — QUICK RUN, numbers not meaningful' if args.quick else ''}"
-    command = "benchmarks/run_all.py" + (" --quick" if args.quick else "") + (f" --only {' '.join(names)}" if args.only else "")
+    command = "python -m benchmarks.run_all" + (" --quick" if args.quick else "") + (f" --only {' '.join(names)}" if args.only else "")
     text = f"{header}\n\nCommand: `{command}`, started {began}; durations: {', '.join(durations)}.\n\n{table(rows)}\n"
     print("\n" + text)
     if args.out:

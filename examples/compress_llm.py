@@ -22,9 +22,9 @@ Prints, for the teacher, the fp32 student and the quantized student: TTFT, time 
 MBU (with ``--peak-bandwidth``, bytes/s), size, and perplexity on held-out BBC articles; and greedy continuations of
 a few held-out prompts from teacher and final student. Writes ``results.json`` into the run's log dir.
 
-    python examples/compress_llm.py                  # about 5 min on 2 quiet cores
-    python examples/compress_llm.py --quick          # smoke run
-    python examples/compress_llm.py --steps 300 --sparsity 0.5 --peak-bandwidth 20e9
+    python -m examples.compress_llm                  # about 5 min on 2 quiet cores
+    python -m examples.compress_llm --quick          # smoke run
+    python -m examples.compress_llm --steps 300 --sparsity 0.5 --peak-bandwidth 20e9
 """
 
 from __future__ import annotations
@@ -32,7 +32,6 @@ from __future__ import annotations
 import argparse
 import copy
 import json
-import os
 import time
 import warnings
 from collections.abc import Sequence
@@ -51,7 +50,8 @@ from lightning_latency import (
     measure_generation,
     model_stats,
 )
-from lightning_latency import assets, tasks
+from examples._support import assets, tasks
+from examples._support.report import tables
 from lightning_latency.distillation import student_from_pruned_teacher
 
 QUICK = dict(steps=4, train_blocks=32, test_blocks=8, seq_len=64, batch_size=2, new_tokens=8, prompt_len=16,
@@ -86,11 +86,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--out-dir", default="runs")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--quick", action="store_true", help=f"tiny settings: {QUICK}")
-    args = p.parse_args(argv)
-    if args.quick:
-        for key, value in QUICK.items():
-            if getattr(args, key) == p.get_default(key):
-                setattr(args, key, value)
+    args = tasks.parse_with_quick(p, argv, QUICK)
     if not 0.0 < args.sparsity < 1.0:
         p.error(f"--sparsity must be in (0, 1), got {args.sparsity}")
     if args.new_tokens < 2:
@@ -162,14 +158,9 @@ def render(rows: list[dict[str, Any]], args: argparse.Namespace) -> tuple[str, s
     body = [[r["name"], f"{r['params_m']:.1f}", f"{r['size_mb']:.0f}", f"{r['ttft_ms']:.0f}", f"{r['tpot_ms']:.1f}",
              f"{r['tokens_per_s']:.1f}", f"x{base / r['tpot_ms']:.2f}",
              f"{100 * r['mbu']:.0f}%" if r["mbu"] is not None else "n/a", f"{r['perplexity']:.1f}"] for r in rows]
-    widths = [max(len(x[i]) for x in [head, *body]) for i in range(len(head))]
-    line = lambda cells: "  ".join(c.ljust(w) if i == 0 else c.rjust(w)  # noqa: E731
-                                   for i, (c, w) in enumerate(zip(cells, widths)))
-    text = "\n".join([line(head), line(["-" * w for w in widths]), *(line(b) for b in body)])
+    text, md = tables(head, body)
     text += (f"\n(batch 1, prompt {args.prompt_len} tokens, {args.new_tokens} new tokens, greedy; TPOT = (T(N) - TTFT)"
              f" / (N - 1); MBU needs --peak-bandwidth)")
-    md = "\n".join(["| " + " | ".join(head) + " |", "|" + "|".join("---" for _ in head) + "|",
-                    *("| " + " | ".join(b) + " |" for b in body)])
     return text, md
 
 
@@ -186,9 +177,7 @@ def continuations(model: nn.Module, tokenizer: Any, prompts: list[torch.Tensor],
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     args = parse_args(argv)
     wall0 = time.perf_counter()
-    threads = args.threads or min(2, os.cpu_count() or 1)
-    torch.set_num_threads(threads)
-    pl.seed_everything(args.seed, verbose=False)
+    threads = tasks.start_run(args.threads, args.seed)
 
     teacher, tokenizer = assets.load_smollm2()
     train, test = tasks.bbc_lm_splits(tokenizer, seq_len=args.seq_len, n_train=args.train_blocks,

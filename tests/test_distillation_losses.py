@@ -8,7 +8,8 @@ import pytest
 import torch
 from torch.profiler import ProfilerActivity, profile
 
-from lightning_latency.distillation import DistillationLoss, ForwardKLLoss, JSDLoss, ReverseKLLoss, task_cross_entropy
+from lightning_latency.distillation.losses import (DistillationLoss, ForwardKLLoss, JSDLoss, LogitMSELoss,
+                                                  ReverseKLLoss, task_cross_entropy, topk_forward_kl)
 
 # student logits [0, 0] -> p_s = [1/2, 1/2]; teacher logits [ln 3, 0] -> p_t = [3/4, 1/4]
 S = torch.tensor([[0.0, 0.0]])
@@ -169,3 +170,90 @@ def test_bad_arguments_raise_naming_the_argument(kwargs: dict, match: str) -> No
 def test_vocabulary_mismatch_is_a_clear_error() -> None:
     with pytest.raises(ValueError, match=r"last \(vocabulary\) dimension.*student \(2, 3, 10\) and teacher \(2, 3, 12\)"):
         DistillationLoss()(torch.randn(2, 3, 10), torch.randn(2, 3, 12))
+
+
+# ---------------------------------------------------------------------------------------------- one API: presets
+PRESETS = [(ForwardKLLoss, "forward_kl"), (ReverseKLLoss, "reverse_kl"), (JSDLoss, "jsd"), (LogitMSELoss, "mse")]
+
+
+@pytest.mark.parametrize(("preset", "kind"), PRESETS)
+def test_presets_are_distillation_losses_with_a_fixed_kind(preset: type, kind: str) -> None:
+    torch.manual_seed(4)
+    s, t = torch.randn(3, 5, 11), torch.randn(3, 5, 11)
+    loss = preset(2.0, shift_labels=True, chunk_size=4)  # temperature stays the first positional argument
+    assert isinstance(loss, DistillationLoss) and loss.kind == kind and loss.temperature == 2.0
+    assert f"kind='{kind}'" in repr(loss)
+    ref = DistillationLoss(kind, temperature=2.0, shift_labels=True)
+    torch.testing.assert_close(loss(s, t), ref(s, t), rtol=1e-5, atol=1e-6)  # chunked vs unchunked: fp32 sums
+    with pytest.raises(TypeError, match="kind"):
+        preset(kind="mse")
+
+
+# ---------------------------------------------------------------------------------------------- top-k (offline)
+def _topk(t: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    return t.topk(k, dim=-1)
+
+
+@pytest.mark.parametrize("chunk_size", [None, 3])
+@pytest.mark.parametrize("kind", ["forward_kl", "reverse_kl", "jsd", "mse"])
+def test_topk_loss_with_k_equal_to_the_vocabulary_is_the_full_logit_loss(kind: str, chunk_size: int | None) -> None:
+    torch.manual_seed(5)
+    s = torch.randn(2, 6, 13, requires_grad=True)
+    t = torch.randn(2, 6, 13)
+    labels = torch.randint(0, 13, (2, 6))
+    labels[0, 3:] = -100
+    loss_fn = DistillationLoss(kind, temperature=1.5, shift_labels=True, chunk_size=chunk_size, beta=0.3)
+    ref = loss_fn(s, t, labels)
+    (g_ref,) = torch.autograd.grad(ref, s)
+    values, indices = _topk(t, 13)  # every id, in another order than the vocabulary's
+    got = loss_fn.topk_loss(s, values, indices, labels)
+    (g_got,) = torch.autograd.grad(got, s)
+    # Same fp32 math on permuted ids: only summation order differs (a few ulp of values ~1); JSD adds the student's
+    # mass outside the support, 1 - sum(p_s) ~ 1e-7 here, times -log(0.7).
+    torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(g_got, g_ref, rtol=1e-5, atol=1e-6)
+
+
+def _dense_teacher(values: torch.Tensor, indices: torch.Tensor, vocab: int) -> torch.Tensor:
+    """The teacher distribution a top-k cache stands for: softmax over the k stored logits, zero elsewhere (fp64)."""
+    p = torch.zeros(*values.shape[:-1], vocab, dtype=torch.float64)
+    return p.scatter(-1, indices, values.double().softmax(-1))
+
+
+def _xlogy_kl(p: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
+    return (torch.special.xlogy(p, p) - torch.special.xlogy(p, q)).sum(-1)
+
+
+def test_topk_forward_kl_and_jsd_below_the_vocabulary_match_a_dense_reference() -> None:
+    torch.manual_seed(6)
+    s, t = torch.randn(5, 9), torch.randn(5, 9)
+    values, indices = _topk(t, 3)
+    pt, ps = _dense_teacher(values, indices, 9), s.double().softmax(-1)
+    fwd = DistillationLoss("forward_kl", reduction="sum").flat_topk_loss(s, values, indices, torch.ones(5, dtype=torch.bool))
+    torch.testing.assert_close(fwd, _xlogy_kl(pt, ps).sum().float(), rtol=1e-5, atol=1e-6)
+    summed, kept = topk_forward_kl(s, values, indices)  # the function form gives the same sum
+    torch.testing.assert_close(summed, fwd)
+    assert int(kept) == 5
+    beta = 0.3
+    m = beta * pt + (1 - beta) * ps
+    ref = (beta * _xlogy_kl(pt, m) + (1 - beta) * _xlogy_kl(ps, m)).mean().float()
+    got = DistillationLoss("jsd", beta=beta).topk_loss(s, values, indices)
+    torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-6)  # fp32 vs fp64 reference of values ~0.1
+
+
+@pytest.mark.parametrize("loss", [DistillationLoss("reverse_kl"), ReverseKLLoss(), JSDLoss(beta=1.0)])
+def test_topk_reverse_kl_below_the_vocabulary_is_a_clear_error(loss: DistillationLoss) -> None:
+    values, indices = _topk(torch.randn(4, 10), 3)
+    with pytest.raises(ValueError, match=r"`kind`=.*reverse.*top-3 logits \(vocabulary 10\).*k=10"):
+        loss.topk_loss(torch.randn(4, 10), values, indices)
+
+
+def test_topk_reduction_and_ids_outside_the_student_vocabulary() -> None:
+    torch.manual_seed(7)
+    s, t = torch.randn(6, 8), torch.randn(6, 8)
+    values, indices = _topk(t, 4)
+    mean = DistillationLoss(temperature=2.0).topk_loss(s, values, indices)
+    total = DistillationLoss(temperature=2.0, reduction="sum").topk_loss(s, values, indices)
+    torch.testing.assert_close(total, 6 * mean)  # reduction is honoured offline too
+    with pytest.raises(ValueError, match=r"ids up to 7\) does not fit the student's vocabulary of 5"):
+        DistillationLoss().topk_loss(torch.randn(6, 5), values, indices)

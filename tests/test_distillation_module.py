@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import warnings
 from pathlib import Path
 from typing import Any
@@ -13,7 +14,15 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from lightning_latency._compat import CallbackBase, Trainer
-from lightning_latency.distillation import DistillationLoss, HiddenStateLoss, student_from_teacher_layers
+from lightning_latency.distillation import (
+    DistillationLoss,
+    ForwardKLLoss,
+    HiddenStateLoss,
+    JSDLoss,
+    LogitMSELoss,
+    ReverseKLLoss,
+    student_from_teacher_layers,
+)
 from lightning_latency.distillation.module import DistillationModule
 
 
@@ -199,6 +208,8 @@ def test_bf16_teacher_and_pure_distillation_without_labels() -> None:
         ({"teacher_dtype": "int8"}, "`teacher_dtype` must be one of"),
         ({"intermediate_weight": -1.0}, "`intermediate_weight` must be >= 0"),
         ({"loss": nn.MSELoss()}, "`loss` must be a DistillationLoss"),
+        ({"loss": DistillationLoss(shift_labels=True), "shift_labels": False}, "`shift_labels`=False contradicts"),
+        ({"loss": DistillationLoss(ignore_index=0)}, r"`ignore_index`=-100 differs from the loss's ignore_index=0"),
     ],
 )
 def test_misconfiguration(kwargs: dict, match: str) -> None:
@@ -275,3 +286,63 @@ def test_magnitude_pruning_in_the_same_trainer_prunes_only_the_student(tmp_path:
     zeros = sum(int((w == 0).sum()) for w in linears) / sum(w.numel() for w in linears)
     assert zeros > 0.3  # the student was pruned
     assert all(torch.equal(t0[k], v) for k, v in teacher.state_dict().items())  # the teacher was not
+
+
+@pytest.mark.parametrize("preset", [ForwardKLLoss, ReverseKLLoss, JSDLoss, LogitMSELoss])
+def test_every_loss_preset_trains_in_a_distillation_module(tmp_path: Path, preset: type) -> None:
+    student, teacher = _bert_pair()
+    s0 = _clone_state(student)
+    loss = preset(temperature=2.0)
+    module = DistillationModule(student, teacher, loss=loss, alpha=1.0, lr=1e-2)
+    assert module.loss is loss
+    trainer = Trainer(**trainer_kwargs(tmp_path, max_steps=2, log_every_n_steps=1))
+    trainer.fit(module, _loader())
+    kd = [float(r["train_kd_loss"]) for r in read_csv_metrics(trainer) if r.get("train_kd_loss")]
+    assert kd and all(math.isfinite(v) and v > -1e-6 for v in kd)  # divergences: >= 0 up to fp32 rounding
+    assert any(not torch.equal(s0[k], v) for k, v in student.state_dict().items())
+    batch = next(iter(_loader()))
+    with torch.no_grad():  # the logged term is the preset's own value on the batch
+        expected = loss(student(input_ids=batch["input_ids"]).logits, teacher(input_ids=batch["input_ids"]).logits)
+        torch.testing.assert_close(module.compute_losses(batch)["kd_loss"], expected, rtol=1e-5, atol=1e-6)
+
+
+def test_a_label_count_mismatch_fails_at_the_first_batch_naming_both_models_and_the_fix(tmp_path: Path) -> None:
+    _, teacher = _bert_pair()
+    module = DistillationModule(tiny_bert(num_labels=3, layers=1), teacher)
+    trainer = Trainer(**trainer_kwargs(tmp_path, max_steps=2))
+    with pytest.raises(ValueError, match=r"`student` \(BertForSequenceClassification\) returns 3 classes per position "
+                                         r"but `teacher` \(BertForSequenceClassification\) returns 2.*num_labels=2"):
+        trainer.fit(module, _loader())
+    assert trainer.global_step == 0
+
+
+def test_a_vocabulary_mismatch_of_causal_lms_names_vocab_size(tmp_path: Path) -> None:
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    teacher = tiny_llama(layers=1)
+    student = LlamaForCausalLM(LlamaConfig(vocab_size=200, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                                           num_key_value_heads=1, intermediate_size=64))
+    module = DistillationModule(student, teacher)
+    batch = next(iter(_loader("llama")))
+    with pytest.raises(ValueError, match=r"returns 200 vocabulary entries.*returns 128.*vocab_size=128"):
+        module.compute_losses(batch)
+    # the fix the message offers works: hidden states only (a learned projection maps width 32 to 64)
+    hidden_only = DistillationModule(student, teacher, alpha=0.0, intermediate=[HiddenStateLoss(32, 64, [(1, 1)])])
+    assert hidden_only.compute_losses(batch)["intermediate_loss"] > 0
+
+
+def test_an_out_of_range_layer_map_fails_at_the_first_batch(tmp_path: Path) -> None:
+    student, teacher = _bert_pair()  # student: 1 layer -> 2 hidden states; teacher: 2 layers -> 3
+    module = DistillationModule(student, teacher, intermediate=[HiddenStateLoss(64, 64, [(2, 2)])])
+    trainer = Trainer(**trainer_kwargs(tmp_path, max_steps=2))
+    with pytest.raises(ValueError, match=r"`layer_map` pair \(2, 2\) is out of range: the student returns 2 hidden "
+                                         r"states and the teacher 3.*even_layer_map\(1, 2\)"):
+        trainer.fit(module, _loader())
+    assert trainer.global_step == 0
+
+
+def test_a_loss_built_with_shift_labels_turns_the_modules_shift_on() -> None:
+    teacher = tiny_llama(layers=2)
+    module = DistillationModule(nn.Sequential(teacher), teacher=tiny_llama(layers=1),
+                                loss=DistillationLoss(shift_labels=True))
+    assert module.shift_labels  # a student the auto rule does not recognise, shifted because its loss says so

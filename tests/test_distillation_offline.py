@@ -59,3 +59,68 @@ def test_cache_misuse_is_a_clear_error(tmp_path: Path) -> None:
         TopKLogitsDataset(TokenDataset(5, 6, 0), tmp_path)
     with pytest.raises(ValueError, match="no teacher and no `teacher_topk_values`"):
         DistillationModule(tiny_bert(layers=1), None).compute_losses({"input_ids": ds.ids[:2], "labels": ds.labels[:2]})
+
+
+def _cached_lm(tmp_path: Path, k: int) -> tuple[torch.nn.Module, TopKLogitsDataset]:
+    teacher = tiny_llama(layers=2)
+    ds = LMDataset(8, 10, 0)
+    cache_teacher_topk(teacher, DataLoader(ds, batch_size=4), tmp_path / f"cache{k}", k=k, progress=False)
+    return teacher, TopKLogitsDataset(ds, tmp_path / f"cache{k}")
+
+
+@pytest.mark.parametrize(("kind", "beta"), [("forward_kl", 0.5), ("jsd", 0.5), ("mse", 0.5), ("jsd", 0.0)])
+def test_offline_training_honours_every_kind_that_top_k_logits_support(tmp_path: Path, kind: str, beta: float) -> None:
+    teacher, cached = _cached_lm(tmp_path, k=8)
+    student = student_from_teacher_layers(teacher, [0])
+    s0 = {n: p.detach().clone() for n, p in student.named_parameters()}
+    loss = DistillationLoss(kind, temperature=2.0, beta=beta, chunk_size=7)
+    module = DistillationModule(student, None, loss=loss, alpha=1.0, lr=1e-2)
+    batch = default_collate([cached[i] for i in range(4)])
+    values, indices = batch["teacher_topk_values"][:, :-1], batch["teacher_topk_indices"][:, :-1]  # causal shift
+    logits = student(input_ids=batch["input_ids"]).logits[:, :-1]
+    expected = DistillationLoss(kind, temperature=2.0, beta=beta).topk_loss(logits, values, indices)
+    torch.testing.assert_close(module.compute_losses(batch)["kd_loss"], expected, rtol=1e-5, atol=1e-6)
+    trainer = Trainer(**trainer_kwargs(tmp_path, max_steps=2, log_every_n_steps=1))
+    trainer.fit(module, DataLoader(cached, batch_size=4))
+    assert any(r.get("train_kd_loss") for r in read_csv_metrics(trainer))
+    assert any(not torch.equal(s0[n], p) for n, p in student.named_parameters())
+
+
+def test_offline_reduction_sum_is_honoured(tmp_path: Path) -> None:
+    teacher, cached = _cached_lm(tmp_path, k=8)
+    student = student_from_teacher_layers(teacher, [0])
+    batch = default_collate([cached[i] for i in range(4)])
+    mean = DistillationModule(student, None, alpha=1.0).compute_losses(batch)["kd_loss"]
+    total = DistillationModule(student, None, loss=DistillationLoss(reduction="sum"), alpha=1.0).compute_losses(batch)
+    torch.testing.assert_close(total["kd_loss"], mean * 4 * 9)  # 4 sequences x 9 shifted positions, none masked
+
+
+def test_offline_reverse_kl_from_a_partial_cache_fails_at_the_first_batch(tmp_path: Path) -> None:
+    teacher, cached = _cached_lm(tmp_path, k=8)
+    module = DistillationModule(student_from_teacher_layers(teacher, [0]), None,
+                                loss=DistillationLoss("reverse_kl"), alpha=1.0)
+    trainer = Trainer(**trainer_kwargs(tmp_path, max_steps=2))
+    with pytest.raises(ValueError, match=r"`kind`='reverse_kl' cannot be computed from the teacher's top-8 logits "
+                                         r"\(vocabulary 128\)"):
+        trainer.fit(module, DataLoader(cached, batch_size=4))
+    assert trainer.global_step == 0
+
+
+@pytest.mark.parametrize("kind", ["forward_kl", "reverse_kl", "jsd", "mse"])
+def test_offline_with_the_whole_vocabulary_equals_the_live_teacher(tmp_path: Path, kind: str) -> None:
+    teacher = tiny_bert(layers=2)
+    student = student_from_teacher_layers(teacher, [0])
+    ds = TokenDataset(8, 10, 0)
+    batch = default_collate([ds[i] for i in range(8)])
+    with torch.no_grad():  # fp32 top-k of all (2) classes, bypassing the cache's fp16 storage
+        values, indices = teacher(input_ids=batch["input_ids"]).logits.topk(2, dim=-1)
+    loss = DistillationLoss(kind, temperature=2.0, beta=0.3)
+    online = DistillationModule(student, teacher, loss=loss).compute_losses(batch)["kd_loss"]
+    offline = DistillationModule(student, None, loss=loss).compute_losses(
+        {**batch, "teacher_topk_values": values, "teacher_topk_indices": indices})["kd_loss"]
+    torch.testing.assert_close(offline, online, rtol=1e-5, atol=1e-6)  # same fp32 math, ids permuted
+    # and reverse KL trains from a full-vocabulary cache
+    cache_teacher_topk(teacher, DataLoader(ds, batch_size=4), tmp_path / "full", k=2, progress=False)
+    trainer = Trainer(**trainer_kwargs(tmp_path, max_steps=1))
+    trainer.fit(DistillationModule(student, None, loss=loss), DataLoader(TopKLogitsDataset(ds, tmp_path / "full"), batch_size=4))
+    assert trainer.global_step == 1

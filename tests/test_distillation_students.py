@@ -92,7 +92,7 @@ def test_taylor_pruning_needs_calibration_batches_that_give_a_loss() -> None:
 
 @pytest.mark.real_weights
 def test_minilm_every_other_layer_student_distils_on_real_reviews() -> None:
-    from lightning_latency import assets
+    from examples._support import assets
     from lightning_latency.distillation.module import DistillationModule
 
     teacher, tok = assets.load_minilm(num_labels=2)

@@ -7,7 +7,7 @@ compiled deployment path has its own tests in ``test_quantization.py`` / ``test_
 
 from __future__ import annotations
 
-import importlib.util
+import importlib
 import json
 from pathlib import Path
 from types import ModuleType
@@ -21,12 +21,38 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def _example(name: str) -> ModuleType:
-    """Import ``examples/<name>.py`` as a module (examples/ is not a package; no sys.path edits)."""
-    spec = importlib.util.spec_from_file_location(f"example_{name}", ROOT / "examples" / f"{name}.py")
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    """``examples.<name>``: the examples are a package, importable because pytest puts the repository root on the path
+    (``pythonpath = ["."]`` in pyproject.toml)."""
+    return importlib.import_module(f"examples.{name}")
+
+
+def test_example_plumbing_ships_outside_the_package() -> None:
+    import lightning_latency
+
+    package = Path(lightning_latency.__file__).parent
+    # moved to examples/_support: they import packages the wheel does not declare
+    assert not [name for name in ("tasks.py", "assets.py") if (package / name).exists()]
+    assert not [p for p in package.rglob("*.py") if "examples._support" in p.read_text()]
+    assert importlib.import_module("examples._support.tasks").accuracy  # and importable from the repository root
+
+
+def test_support_accuracy_pads_a_static_batch_and_counts_only_real_items() -> None:
+    import torch
+
+    from examples._support.tasks import EncodedDataset, accuracy, stack_inputs
+
+    ids = torch.tensor([[0], [1], [1], [0], [1]])
+    data = EncodedDataset({"input_ids": ids, "attention_mask": torch.ones_like(ids)}, torch.tensor([0, 1, 0, 0, 1]))
+    seen: list[tuple[int, tuple[str, ...]]] = []
+
+    def compiled_for_4(**inputs: torch.Tensor) -> torch.Tensor:  # a deployed form: one static batch size
+        seen.append((len(inputs["input_ids"]), tuple(inputs)))
+        return torch.nn.functional.one_hot(inputs["input_ids"][:, 0], 2).float()
+
+    assert accuracy(compiled_for_4, data, 4, static=True, keys=("input_ids",)) == pytest.approx(4 / 5)
+    assert seen == [(4, ("input_ids",)), (4, ("input_ids",))]  # the last item padded to 4, pads not counted
+    assert accuracy(compiled_for_4, list(torch.utils.data.DataLoader(data, batch_size=2))) == pytest.approx(4 / 5)
+    assert stack_inputs(data, 4, 2)["input_ids"].tolist() == [[1], [0]]  # wraps around, labels dropped
 
 
 @pytest.mark.real_weights

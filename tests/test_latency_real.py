@@ -11,7 +11,7 @@ from lightning_latency.latency import LatencyConfig, compare_latency, measure_la
 
 @pytest.mark.real_weights
 def test_real_minilm_measured_end_to_end() -> None:
-    from lightning_latency.assets import load_minilm
+    from examples._support.assets import load_minilm
 
     model, tok = load_minilm()
     inputs = dict(tok(["the film is a quiet triumph"] * 2, padding="max_length", max_length=32, return_tensors="pt"))
@@ -40,7 +40,7 @@ def test_real_minilm_classifier_in_a_fit(tmp_path) -> None:
     from helpers import read_csv_metrics, trainer_kwargs
 
     from lightning_latency._compat import LightningModule, Trainer
-    from lightning_latency.assets import load_minilm, rotten_tomatoes
+    from examples._support.assets import load_minilm, rotten_tomatoes
     from lightning_latency.latency.callback import LatencyMonitor
 
     model, tok = load_minilm(num_labels=2)

@@ -62,7 +62,7 @@ def test_public_loaders_run_with_sockets_blocked(tmp_path: Path, no_network: lis
 
 
 def test_shipped_assets_load_with_sockets_blocked(no_network: list) -> None:
-    from lightning_latency import assets
+    from examples._support import assets
 
     try:
         folder = assets.minilm_path()

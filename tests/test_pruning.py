@@ -284,7 +284,7 @@ def test_nm_masks_keep_n_of_every_m_inputs(builder) -> None:
 @pytest.mark.real_weights
 def test_real_smollm2_gqa_structured_prune_generates_and_round_trips(tmp_path) -> None:
     """SmolLM2-135M (9 query heads / 3 KV heads): a one-shot student for distillation, as the distillation area uses."""
-    from lightning_latency import assets
+    from examples._support import assets
 
     model, tokenizer = assets.load_smollm2()
     prune_step(model, PruningConfig(mode="structured"), 1 / 3)  # 9 -> 6 query heads, MLP 1536 -> 1024

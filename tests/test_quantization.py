@@ -329,7 +329,7 @@ def test_prepare_on_converted_model_names_the_fix() -> None:
 
 @pytest.mark.real_weights
 def test_real_minilm_prepare_convert_keeps_predictions() -> None:
-    from lightning_latency.assets import load_minilm
+    from examples._support.assets import load_minilm
 
     torch.manual_seed(0)  # the classification head is freshly initialised
     model, tokenizer = load_minilm(num_labels=2)

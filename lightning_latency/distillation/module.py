@@ -28,9 +28,10 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
+from typing_extensions import override
 
 from lightning_latency._compat import LightningModule
-from lightning_latency.distillation.losses import DistillationLoss, task_cross_entropy, token_mask, topk_forward_kl
+from lightning_latency.distillation.losses import DistillationLoss, task_cross_entropy, token_mask
 
 TOPK_VALUES = "teacher_topk_values"
 TOPK_INDICES = "teacher_topk_indices"
@@ -96,13 +97,18 @@ class DistillationModule(LightningModule):
         student: the model being trained (``self.student``; the target of pruning / QAT / latency callbacks).
         teacher: frozen reference model (``self.teacher``), or ``None`` for offline distillation from batches
             carrying ``teacher_topk_values`` / ``teacher_topk_indices`` (see :mod:`~.offline`).
-        loss: the logit loss; default ``DistillationLoss("forward_kl", temperature=1.0)``.
+        loss: the logit loss, any :class:`~.DistillationLoss` (presets such as ``ForwardKLLoss`` included);
+            default ``DistillationLoss("forward_kl", temperature=1.0)``. Its ``kind``, ``temperature``,
+            ``reduction``, ``chunk_size`` and ``beta`` apply to the live and the offline (top-k) teacher alike;
+            the module masks and shifts for it (a loss built with ``shift_labels=True`` turns the shift on; an
+            ``ignore_index`` or ``shift_labels`` that contradicts the module's is a ``ValueError``).
         alpha: weight of the distillation term in ``[0, 1]``; the task loss gets ``1 - alpha``.
         intermediate: :class:`~.HiddenStateLoss` / :class:`~.AttentionLoss` modules (their projection weights
             are trained with the student).
         intermediate_weight: weight of the summed intermediate losses.
         teacher_dtype: cast the teacher once, e.g. ``"bfloat16"`` (logits are upcast to fp32 in the loss).
-        shift_labels: causal LM shift for token-level logits; ``None`` = automatic (``*ForCausalLM`` students).
+        shift_labels: causal LM shift for token-level logits; ``None`` = automatic (``*ForCausalLM`` /
+            ``*LMHeadModel`` students, or a loss built with ``shift_labels=True``).
         ignore_index: label value of positions left out of every loss.
         lr, weight_decay: AdamW settings of the default optimizer.
 
@@ -154,13 +160,16 @@ class DistillationModule(LightningModule):
             teacher.requires_grad_(False).train()
         self.loss = loss if loss is not None else DistillationLoss()
         if not isinstance(self.loss, DistillationLoss):
-            raise ValueError(f"`loss` must be a DistillationLoss (or subclass), got {type(loss).__name__}.")
+            raise ValueError(f"`loss` must be a DistillationLoss (or a preset such as ForwardKLLoss), got "
+                             f"{type(loss).__name__}. Use loss=DistillationLoss(kind='forward_kl', temperature=2.0).")
         if isinstance(intermediate, nn.Module):
             intermediate = [intermediate]
         self.intermediate = nn.ModuleList(intermediate or [])
         self.alpha = float(alpha)
         self.intermediate_weight = float(intermediate_weight)
-        self.shift_labels = _is_causal_lm(student) if shift_labels is None else bool(shift_labels)
+        _check_loss_masking(self.loss, shift_labels, ignore_index)
+        auto_shift = self.loss.shift_labels or _is_causal_lm(student)
+        self.shift_labels = auto_shift if shift_labels is None else bool(shift_labels)
         self.ignore_index = ignore_index
         self.lr, self.weight_decay = float(lr), float(weight_decay)
 
@@ -188,7 +197,8 @@ class DistillationModule(LightningModule):
         """Parameters that receive gradients: the student's and the intermediate projections, never the teacher's."""
         return [p for n, p in self.named_parameters() if p.requires_grad and not n.startswith("teacher.")]
 
-    def configure_optimizers(self) -> Any:
+    @override
+    def configure_optimizers(self) -> torch.optim.Optimizer:
         return torch.optim.AdamW(self.trainable_parameters(), lr=self.lr, weight_decay=self.weight_decay)
 
     # ------------------------------------------------------------------ mechanics
@@ -207,6 +217,7 @@ class DistillationModule(LightningModule):
         """The module compression callbacks (pruning, QAT, latency) should act on: the student."""
         return self.student
 
+    @override
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         return self.student(*args, **kwargs)
 
@@ -235,19 +246,19 @@ class DistillationModule(LightningModule):
         has_topk = isinstance(batch, Mapping) and TOPK_VALUES in batch
         if self.teacher is not None:
             t_out = self.teacher_forward(inputs, **extra)
-            s_flat, keep = token_mask(s_logits, labels, attn, self.ignore_index, self.shift_labels)
-            t_flat, _ = token_mask(self.logits(t_out), None, None, self.ignore_index, self.shift_labels)
+            if self.alpha > 0:
+                t_logits = self.logits(t_out)
+                _check_same_classes(s_logits, t_logits, self.student, self.teacher)
+                s_flat, keep = token_mask(s_logits, labels, attn, self.ignore_index, self.shift_labels)
+                t_flat, _ = token_mask(t_logits, None, None, self.ignore_index, self.shift_labels)
             out["kd_loss"] = self.loss.flat_loss(s_flat, t_flat, keep) if self.alpha > 0 else zero
             if len(self.intermediate):
                 out["intermediate_loss"] = self._intermediate(s_out, t_out, inputs.get("attention_mask"))
         elif has_topk:
             s_flat, keep = token_mask(s_logits, labels, attn, self.ignore_index, self.shift_labels)
-            values, indices = batch[TOPK_VALUES], batch[TOPK_INDICES]
-            if self.shift_labels:
-                values, indices = values[:, :-1], indices[:, :-1]
-            summed, kept = topk_forward_kl(s_flat, values.reshape(-1, values.shape[-1]),
-                                           indices.reshape(-1, indices.shape[-1]), self.loss.temperature, keep)
-            out["kd_loss"] = self.loss.scale * summed / kept.clamp_min(1)
+            values, _ = token_mask(batch[TOPK_VALUES], None, None, self.ignore_index, self.shift_labels)
+            indices, _ = token_mask(batch[TOPK_INDICES], None, None, self.ignore_index, self.shift_labels)
+            out["kd_loss"] = self.loss.flat_topk_loss(s_flat, values, indices, keep) if self.alpha > 0 else zero
         elif self.alpha > 0:
             raise ValueError(f"no teacher and no `{TOPK_VALUES}` in the batch: pass a teacher, or wrap the dataset "
                              f"with TopKLogitsDataset (offline distillation), or use alpha=0.")
@@ -274,21 +285,25 @@ class DistillationModule(LightningModule):
         self.log_dict({f"{prefix}_{k}": v.detach() for k, v in terms.items()}, batch_size=batch_size,
                       prog_bar=False, sync_dist=prefix == "val")
 
+    @override
     def training_step(self, batch: Any, batch_idx: int) -> Tensor:
         terms = self.compute_losses(batch)
         self._log_terms("train", terms, _batch_size(batch))
         return terms["loss"]
 
+    @override
     def validation_step(self, batch: Any, batch_idx: int) -> None:
         self._log_terms("val", self.compute_losses(batch), _batch_size(batch))
 
     # ------------------------------------------------------------------ checkpoints without the teacher
+    @override
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         state = checkpoint.get("state_dict")
         if state is not None:
             for key in [k for k in state if k.startswith("teacher.")]:
                 del state[key]
 
+    @override
     def load_state_dict(self, state_dict: Mapping[str, Any], strict: bool = True, assign: bool = False) -> Any:
         """Load a (teacher-less) checkpoint: missing ``teacher.*`` keys are taken from the live teacher."""
         state = {k: v for k, v in state_dict.items() if self.teacher is not None or not k.startswith("teacher.")}
@@ -297,6 +312,32 @@ class DistillationModule(LightningModule):
                 state.setdefault(f"teacher.{k}", v)
         _reshape_pruned_student(self.student, state)
         return super().load_state_dict(state, strict=strict, assign=assign)
+
+
+def _check_loss_masking(loss: DistillationLoss, shift_labels: bool | None, ignore_index: int) -> None:
+    """The module masks for its loss: a loss configured otherwise would be silently overruled, so refuse it."""
+    if shift_labels is False and loss.shift_labels:
+        raise ValueError("`shift_labels`=False contradicts the loss's shift_labels=True. The module applies the causal "
+                         "shift for its loss: pass shift_labels=True (or leave it None) or build the loss without it.")
+    if loss.ignore_index != ignore_index:
+        raise ValueError(f"`ignore_index`={ignore_index} differs from the loss's ignore_index={loss.ignore_index}. The "
+                         f"module masks for its loss: pass ignore_index={loss.ignore_index} to DistillationModule.")
+
+
+def _check_same_classes(s_logits: Tensor, t_logits: Tensor, student: nn.Module, teacher: nn.Module) -> None:
+    """A logit loss needs one vocabulary / label set: say so at the first batch, naming both models and the fix."""
+    n_s, n_t = s_logits.shape[-1], t_logits.shape[-1]
+    if n_s == n_t:
+        return
+    what = "classes" if s_logits.dim() == 2 else "vocabulary entries"
+    raise ValueError(
+        f"`student` ({type(student).__name__}) returns {n_s} {what} per position but `teacher` "
+        f"({type(teacher).__name__}) returns {n_t}: a logit distillation loss compares the two distributions "
+        f"entry by entry, so both need the same vocabulary / label set. Build the student from the teacher "
+        f"(student_from_teacher_layers / student_from_pruned_teacher), or with num_labels={n_t} (classifiers) or the "
+        f"teacher's tokenizer and vocab_size={n_t} (LMs); or distil hidden states only: alpha=0 with "
+        f"intermediate=[HiddenStateLoss(...)]."
+    )
 
 
 def _reshape_pruned_student(student: nn.Module, state: Mapping[str, Any]) -> None:

@@ -4,8 +4,10 @@
 with ``values`` ``(batch, [seq,] k)`` in fp16 and ``indices`` ``(batch, [seq,] k)`` in int32, plus a small
 ``meta.pt`` (k, count, temperature-free logits). :class:`TopKLogitsDataset` wraps the *same* dataset (same order)
 and adds ``teacher_topk_values`` / ``teacher_topk_indices`` to every item; :class:`~.DistillationModule` with
-``teacher=None`` then distils from them (forward KL on the teacher's top-k support, see
-:func:`~.losses.topk_forward_kl`).
+``teacher=None`` then distils from them with its loss's ``kind``, ``reduction`` and ``chunk_size``
+(:meth:`~.losses.DistillationLoss.topk_loss`; the teacher distribution is the softmax over its ``k`` stored
+logits). ``reverse_kl`` needs the whole distribution: cache it with ``k`` = the vocabulary size (e.g. the class
+count of a classifier) or it raises at the first batch.
 
 Storage: ``tokens * k * 6`` bytes (k=64 over 1M tokens: 384 MB) instead of ``tokens * vocab * 4``.
 """
@@ -19,7 +21,7 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, RandomSampler
 
 from lightning_latency.distillation.module import TOPK_INDICES, TOPK_VALUES, output_logits
 
@@ -56,8 +58,7 @@ def cache_teacher_topk(
     """
     if not isinstance(k, int) or k < 1:
         raise ValueError(f"`k` must be a positive int, got {k!r}. k=64 keeps nearly all the mass of an LM's softmax.")
-    sampler = getattr(loader, "sampler", None)
-    if sampler is not None and type(sampler).__name__ == "RandomSampler":
+    if isinstance(getattr(loader, "sampler", None), RandomSampler):
         raise ValueError("`loader` shuffles (RandomSampler): the cache must follow the dataset order. "
                          "Pass DataLoader(dataset, shuffle=False); shuffle later when training from the cache.")
     from tqdm.auto import tqdm

