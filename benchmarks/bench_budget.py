@@ -103,12 +103,12 @@ def main(quick: bool = False) -> list[dict[str, str]]:
     for seed in seeds:
         torch.manual_seed(seed)
         student = copy.deepcopy(teacher).train()
-        callback = LatencyBudgetPruning(target_ms=target, latency_fn=fn, start=10, frequency=10, steps=3,
+        callback = LatencyBudgetPruning(target_ms=target, latency_fn=fn, start_step=10, every_n_steps=10, steps=3,
                                         calibration_batches=4, fractions=(0.25, 0.5, 0.75, 0.9), max_fraction=0.9,
                                         model_attr="model")
         tasks.fit(_Classifier.build(student, train, seed, 16, 5e-5), None, steps, callbacks=[callback])
         budget_ms.append(_settled(fn, student.eval()))
-        history.append(" → ".join(f"{ms:.1f}" for _, ms in callback._history))
+        history.append(" → ".join(f"{ms:.1f}" for _, ms in callback.history))
         removals.append(len(callback.allocation))
         budget_acc.append(tasks.accuracy(student, test))
 
@@ -116,8 +116,8 @@ def main(quick: bool = False) -> list[dict[str, str]]:
         sparsities.append(sparsity)
         torch.manual_seed(seed)
         uniform = copy.deepcopy(teacher).train()
-        pruning = MagnitudePruning(mode="structured", final_sparsity=sparsity, start=10, end=30, frequency=10,
-                                   max_layer_sparsity=0.9, model_attr="model")
+        pruning = MagnitudePruning(mode="structured", final_sparsity=sparsity, start_step=10, end_step=30,
+                                   every_n_steps=10, max_layer_sparsity=0.9, model_attr="model")
         tasks.fit(_Classifier.build(uniform, train, seed, 16, 5e-5), None, steps, callbacks=[pruning])
         uniform_ms.append(_settled(fn, uniform.eval()))
         uniform_acc.append(tasks.accuracy(uniform, test))

@@ -143,7 +143,7 @@ def _overhead_rows(quick: bool) -> list[dict[str, str]]:
     prune_at = 2
     for mode, kwargs in (("unstructured", dict(final_sparsity=0.5)), ("nm", {}), ("structured",
                                                                                  dict(final_sparsity=0.5))):
-        pruning, timer = TimedPruning(mode=mode, start=prune_at, end=prune_at, **kwargs), StepTimer()
+        pruning, timer = TimedPruning(mode=mode, start_step=prune_at, end_step=prune_at, **kwargs), StepTimer()
         pruning.hook_s = []
         Trainer(accelerator="cpu", max_steps=steps, logger=False, enable_progress_bar=False,
                 enable_model_summary=False, enable_checkpointing=False,

@@ -92,8 +92,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         default_root_dir=args.out_dir or tempfile.mkdtemp(prefix="add_to_existing_"), log_every_n_steps=5,
         callbacks=[
             LatencyMonitor(model_attr="model"),  # <-- 2
-            MagnitudePruning(mode="structured", final_sparsity=0.5, start=steps // 4, end=steps // 2,  # <-- 3
-                             frequency=max(1, steps // 8)),
+            MagnitudePruning(mode="structured", final_sparsity=0.5, start_step=steps // 4, end_step=steps // 2,  # <-- 3
+                             every_n_steps=max(1, steps // 8)),
         ],
     )
     trainer.fit(module, train, val)

@@ -170,8 +170,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     # --- ONE run: distil, prune (student only), QAT after pruning ends, latency of the deployment form ---------
     s = stage_steps(args.steps)
     snapshots = StageSnapshots({s["prune_start"]: "distilled", s["qat_start"]: "distilled+pruned"})
-    pruning = MagnitudePruning(mode="structured", final_sparsity=args.sparsity, start=s["prune_start"],
-                               end=s["prune_end"], frequency=s["prune_frequency"], log_per_layer=False)
+    pruning = MagnitudePruning(mode="structured", final_sparsity=args.sparsity, start_step=s["prune_start"],
+                               end_step=s["prune_end"], every_n_steps=s["prune_frequency"], log_per_layer=False)
     # Both act on `module.compression_target` (the student); the frozen teacher is never pruned or quantized.
     qat = QuantizationAwareTraining(scheme="int8_dynamic", start_step=s["qat_start"], convert_on_fit_end=True,
                                     log_every_n_steps=10)

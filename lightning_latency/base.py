@@ -98,8 +98,9 @@ class CompressionCallback(CallbackBase):
             raise MisconfigurationException(f"{self.name}: {problem}")
         try:
             self.validate(trainer, pl_module, self.target(pl_module), stage)
-        except ValueError as err:
-            raise MisconfigurationException(f"{self.name}: {err}") from err
+        except (ValueError, MisconfigurationException) as err:
+            message = str(err) if str(err).startswith(f"{self.name}:") else f"{self.name}: {err}"
+            raise MisconfigurationException(message) from err
 
     @override
     def teardown(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:

@@ -116,7 +116,7 @@ def test_a_bad_target_is_refused_in_setup_before_any_step(name: str, tmp_path: P
     with pytest.raises(MisconfigurationException, match="no_such_module") as info:
         trainer.fit(HFModule())
     assert trainer.global_step == 0
-    assert "model_attr" in str(info.value)
+    assert str(info.value).startswith(f"{name}: ") and "model_attr" in str(info.value)
 
 
 def _same(a: Any, b: Any) -> bool:

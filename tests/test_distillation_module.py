@@ -278,7 +278,7 @@ def test_magnitude_pruning_in_the_same_trainer_prunes_only_the_student(tmp_path:
 
     student, teacher = _bert_pair()
     t0 = _clone_state(teacher)
-    pruning = MagnitudePruning(mode="unstructured", final_sparsity=0.5, start=0, end=2, frequency=1,
+    pruning = MagnitudePruning(mode="unstructured", final_sparsity=0.5, start_step=0, end_step=2, every_n_steps=1,
                                exclude=[r"^teacher\."], log_per_layer=False)
     Trainer(**trainer_kwargs(tmp_path, max_steps=3, callbacks=[pruning])).fit(DistillationModule(student, teacher),
                                                                              _loader())

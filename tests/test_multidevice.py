@@ -114,7 +114,7 @@ def test_ddp_all_together_distillation_pruning_qat_latency(tmp_path: Path, bound
     t0 = {k: v.clone() for k, v in teacher.state_dict().items()}
     ids = TokenDataset(4, 12, 5).ids
     callbacks = [
-        MagnitudePruning(mode="unstructured", final_sparsity=0.5, start=1, end=3, make_permanent=False,
+        MagnitudePruning(mode="unstructured", final_sparsity=0.5, start_step=1, end_step=3, make_permanent=False,
                          log_per_layer=False),
         QuantizationAwareTraining(scheme="int8_dynamic", start_step=2, log_every_n_steps=1),
         LatencyMonitor(inputs={"input_ids": ids, "attention_mask": torch.ones_like(ids)}, data_parallel=True,
@@ -154,7 +154,8 @@ def test_ddp_structured_pruning_then_qat_on_a_gqa_llama_student(tmp_path: Path, 
     teacher = tiny_llama(layers=2)
     module = DistillationModule(student_from_teacher_layers(teacher, [0, 1]), teacher, lr=1e-2)
     callbacks = [
-        MagnitudePruning(mode="structured", final_sparsity=0.5, start=1, end=2, frequency=1, log_per_layer=False),
+        MagnitudePruning(mode="structured", final_sparsity=0.5, start_step=1, end_step=2, every_n_steps=1,
+                         log_per_layer=False),
         QuantizationAwareTraining(scheme="int8_dynamic", start_step=3, convert_on_fit_end=False, log_every_n_steps=0),
         LatencyMonitor(warmup=1, min_runs=2, max_time_s=0.1, report_file=None, generation=False),
         RankStateDump(tmp_path, _Dump()),
@@ -283,7 +284,7 @@ def test_fsdp_distillation_with_masked_pruning_and_qat(tmp_path: Path) -> None:
 
     module = _gpu_distill()
     probe = _FSDPProbe({k: v.detach().clone() for k, v in module.teacher.named_parameters()})
-    pruning = MagnitudePruning(mode="unstructured", final_sparsity=0.5, start=1, end=2, log_per_layer=False)
+    pruning = MagnitudePruning(mode="unstructured", final_sparsity=0.5, start_step=1, end_step=2, log_per_layer=False)
     qat = QuantizationAwareTraining(scheme="int8_dynamic", start_step=0, convert_on_fit_end=False,
                                     log_every_n_steps=0)
     trainer = Trainer(**trainer_kwargs(tmp_path, accelerator="gpu", devices=1, max_steps=3,

@@ -296,7 +296,7 @@ def test_composes_with_magnitude_pruning_and_keeps_zeros(tmp_path: Path) -> None
 
     module, probe = QATModule(), PhaseProbe()
     # Pruning first in the list: its end-of-fit mask re-application must run before QAT converts.
-    pruning = MagnitudePruning(mode="unstructured", final_sparsity=0.5, start=0, end=1, frequency=1,
+    pruning = MagnitudePruning(mode="unstructured", final_sparsity=0.5, start_step=0, end_step=1, every_n_steps=1,
                                make_permanent=True)
     _fit(tmp_path, module, [pruning, QuantizationAwareTraining(start_step=2), probe], max_steps=5)
     assert probe.zero_checks and all(probe.zero_checks)  # zeros survive fake quantization during QAT

@@ -118,7 +118,6 @@ class LatencyBudgetPruning(CompressionCallback):
         """``(global step, measured ms)`` after every pruning step."""
         return self.pruner.history
 
-    _history = history  # read by benchmarks/bench_budget.py; use `history`
 
     @property
     def report(self) -> SensitivityReport | None:
