@@ -204,6 +204,25 @@ def measure_llamacpp(path: str | Path, prompt: Sequence[int], new_tokens: int = 
     )
 
 
+def llamacpp_quantize(src: str | Path, dst: str | Path, qtype: str = "Q4_0", n_threads: int = 2) -> Path:
+    """llama.cpp's own quantizer (``llama-quantize``'s ``llama_model_quantize``): ``src`` GGUF to ``qtype`` at ``dst``.
+
+    The reference point for our exports: llama.cpp's choices (e.g. which tensors it keeps at higher precision).
+    """
+    ftypes = {"F16": 1, "Q4_0": 2, "Q4_1": 3, "Q8_0": 7}  # llama_ftype
+    if qtype not in ftypes:
+        raise ValueError(f"`qtype` must be one of {list(ftypes)}, got {qtype!r}.")
+    _require()
+    from llama_cpp_py_sync._cffi_bindings import get_ffi, get_lib
+
+    lib, ffi = get_lib(), get_ffi()
+    params = ffi.new("llama_model_quantize_params *", lib.llama_model_quantize_default_params())
+    params.nthread, params.ftype, params.allow_requantize = n_threads, ftypes[qtype], True
+    if lib.llama_model_quantize(str(src).encode(), str(dst).encode(), params) != 0:
+        raise RuntimeError(f"llama.cpp could not quantize {str(src)!r} to {qtype}.")
+    return Path(dst)
+
+
 def llamacpp_perplexity(path: str | Path, token_ids: Sequence[int], window: int = 256,
                         config: LlamaCppConfig | None = None) -> float:
     """Perplexity of ``token_ids`` under the GGUF model in llama.cpp, over non-overlapping ``window``-token windows.
@@ -224,5 +243,5 @@ def llamacpp_perplexity(path: str | Path, token_ids: Sequence[int], window: int 
     return float(np.exp(nll / count))
 
 
-__all__ = ["LlamaCppConfig", "LlamaCppRunner", "llamacpp_perplexity", "llamacpp_unavailable", "measure_llamacpp",
-           "system_info"]
+__all__ = ["LlamaCppConfig", "LlamaCppRunner", "llamacpp_perplexity", "llamacpp_quantize", "llamacpp_unavailable",
+           "measure_llamacpp", "system_info"]
