@@ -1,7 +1,7 @@
 """The llama.cpp runner on tiny exported GGUF files: loads, logits match the PyTorch model, greedy tokens agree.
 
 Skipped, with the reason, where llama-cpp-py-sync is absent or its prebuilt library does not load (it needs
-glibc >= 2.38). The exporter itself is verified without llama.cpp in tests/test_quantization_gguf.py.
+glibc >= 2.38). Measured where it loads: F32 reference mode 3.5e-7 of the largest logit, Q8_0/Q4_0 0.8-1.0%. The exporter itself is verified without llama.cpp in tests/test_quantization_gguf.py.
 """
 
 from __future__ import annotations
@@ -31,7 +31,7 @@ TOKENS = [3, 17, 99, 5, 64, 1, 127, 42, 8, 8, 31, 77, 2, 100, 56, 11]
 F32_REL = 1e-4
 # Q8_0 / Q4_0 weights: llama.cpp's CPU kernels also quantize each activation row to Q8_0 (32-blocks, scale
 # max|x|/127) before the dot product, an error of at most 1/254 of the block's largest value per element. Summed
-# in RMS over the ~6 chained matmuls of 2 layers that stays under 1% of the logit range; allow 2%.
+# in RMS over the ~6 chained matmuls of 2 layers that stays near 1% of the logit range (0.8-1.0% measured); allow 2%.
 BLOCK_REL = 0.02
 
 
@@ -103,3 +103,26 @@ def test_an_unloadable_runtime_is_an_error_that_says_why(tmp_path) -> None:
     path = export_gguf(untied_llama(), tmp_path / "m.gguf", qtype="F32")
     with pytest.raises(RuntimeError, match="llama-cpp-py-sync"):
         LlamaCppRunner(path)
+
+
+@needs_llamacpp
+@pytest.mark.real_weights
+def test_smollm2_f32_export_runs_in_llama_cpp_like_hf(tmp_path) -> None:
+    from llama_cpp_py_sync import Llama
+
+    from lightning_latency.assets import load_smollm2
+
+    model, tokenizer = load_smollm2()
+    text = "The BBC reported that the government"
+    ids = tokenizer(text, return_tensors="pt").input_ids
+    path = export_gguf(model, tmp_path / "smollm2.F32.gguf", qtype="F32", tokenizer=tokenizer)
+    with Llama(str(path), n_ctx=64, n_threads=1) as llm:  # our tokenizer metadata, tokenized by llama.cpp
+        assert llm.tokenize(text, add_special=False) == ids[0].tolist()
+    with torch.no_grad():
+        expected = model(ids).logits[0].numpy()
+        ref = model.generate(ids, max_new_tokens=8, do_sample=False)[0, ids.shape[1]:].tolist()
+    with LlamaCppRunner(path, LlamaCppConfig(n_threads=1, n_ctx=64, kv_f32=True)) as run:
+        got = run.logits(ids[0].tolist())
+        tokens, _, _ = run.generate(ids[0].tolist(), 8)
+    np.testing.assert_allclose(got, expected, rtol=0, atol=F32_REL * np.abs(expected).max())
+    assert tokens == ref
