@@ -70,6 +70,18 @@ def test_exported_gguf_logits_match_the_fake_quantized_model(qtype: str, rel: fl
 
 
 @needs_llamacpp
+def test_non_uniform_pruned_model_runs_in_llama_cpp(tmp_path) -> None:
+    from test_quantization_gguf import non_uniform_llama
+
+    model = non_uniform_llama()
+    path = export_gguf(model, tmp_path / "nu.gguf", qtype="F32")  # llama.cpp's `deci` architecture
+    expected = _torch_logits(model, TOKENS)
+    with LlamaCppRunner(path, LlamaCppConfig(n_threads=1, n_ctx=64, kv_f32=True)) as run:
+        got = run.logits(TOKENS)
+    np.testing.assert_allclose(got, expected, rtol=0, atol=F32_REL * np.abs(expected).max())
+
+
+@needs_llamacpp
 def test_greedy_tokens_equal_hf_generate_for_f32(tmp_path) -> None:
     model = untied_llama()
     path = export_gguf(model, tmp_path / "m.gguf", qtype="F32")

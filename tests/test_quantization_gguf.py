@@ -111,13 +111,16 @@ def _rope_pairs(x: np.ndarray, base: float) -> np.ndarray:
 def gguf_reference_logits(path, tokens: list[int]) -> np.ndarray:
     """Logits ``(seq, vocab)`` of the GGUF file's model, computed the way llama.cpp's llama graph does."""
     f, w = _fields(path), {k: v.astype(np.float64) for k, v in read_gguf_weights(path).items()}
-    n_head, n_kv = f["llama.attention.head_count"], f["llama.attention.head_count_kv"]
-    eps, base = f["llama.attention.layer_norm_rms_epsilon"], f["llama.rope.freq_base"]
-    d = f["llama.rope.dimension_count"]
+    a = f["general.architecture"]
+    eps, base = f[f"{a}.attention.layer_norm_rms_epsilon"], f[f"{a}.rope.freq_base"]
+    d, n_layer = f[f"{a}.rope.dimension_count"], f[f"{a}.block_count"]
+    per_layer = lambda key: f[key] if isinstance(f[key], list) else [f[key]] * n_layer  # noqa: E731
+    q_heads, kv_heads = per_layer(f"{a}.attention.head_count"), per_layer(f"{a}.attention.head_count_kv")
     x = w["token_embd.weight"][tokens]
     t = len(tokens)
     mask = np.triu(np.full((t, t), -np.inf), 1)
-    for i in range(f["llama.block_count"]):
+    for i in range(n_layer):
+        n_head, n_kv = q_heads[i], kv_heads[i]
         b = lambda n: w[f"blk.{i}.{n}.weight"]  # noqa: E731
         h = _rms(x, b("attn_norm"), eps)
         q = _rope_pairs((h @ b("attn_q").T).reshape(t, n_head, d), base)
@@ -232,14 +235,38 @@ def test_bad_inputs_name_the_argument(tmp_path) -> None:
         export_gguf(model, tmp_path / "x.gguf", tokenizer=object())
 
 
-def test_non_uniform_layers_are_refused_naming_the_layer(tmp_path) -> None:
+def non_uniform_llama():
+    """Layer 1 pruned harder than layer 0: 2 of 4 query heads, 1 of 2 KV heads, 32 of 96 MLP neurons."""
     from torch import nn
 
     model = untied_llama()
-    mlp = model.model.layers[1].mlp
-    mlp.gate_proj, mlp.up_proj, mlp.down_proj = nn.Linear(64, 64, bias=False), nn.Linear(64, 64, bias=False), \
-        nn.Linear(64, 64, bias=False)
-    with pytest.raises(ValueError, match=r"layer 1 has .*\(4, 2, 64\).*uniform pruning"):
+    attn, mlp = model.model.layers[1].self_attn, model.model.layers[1].mlp
+    attn.q_proj, attn.k_proj = nn.Linear(64, 32, bias=False), nn.Linear(64, 16, bias=False)
+    attn.v_proj, attn.o_proj = nn.Linear(64, 16, bias=False), nn.Linear(32, 64, bias=False)
+    attn.num_key_value_groups = 2
+    mlp.gate_proj, mlp.up_proj, mlp.down_proj = (nn.Linear(64, 32, bias=False), nn.Linear(64, 32, bias=False),
+                                                 nn.Linear(32, 64, bias=False))
+    return model.eval()
+
+
+def test_non_uniform_layers_are_written_as_deci_with_per_layer_counts(tmp_path) -> None:
+    model = non_uniform_llama()
+    path = export_gguf(model, tmp_path / "nu.gguf", qtype="F32")
+    fields = _fields(path)
+    assert fields["general.architecture"] == "deci"
+    assert fields["deci.attention.head_count"] == [4, 2] and fields["deci.attention.head_count_kv"] == [2, 1]
+    assert fields["deci.feed_forward_length"] == [96, 32]
+    np.testing.assert_allclose(gguf_reference_logits(path, TOKENS), _torch_logits(model, TOKENS),
+                               atol=SAME_WEIGHTS_ATOL, rtol=0)
+    assert _fields(export_gguf(untied_llama(), tmp_path / "u.gguf", qtype="F32"))["general.architecture"] == "llama"
+
+
+def test_a_layer_llama_cpp_cannot_shape_is_refused_naming_it(tmp_path) -> None:
+    from torch import nn
+
+    model = untied_llama()
+    model.model.layers[1].self_attn.q_proj = nn.Linear(64, 48, bias=False)  # 3 query heads over 2 KV heads
+    with pytest.raises(ValueError, match=r"layer 1 has .*\(3, 2, 96\).*multiple of KV heads"):
         export_gguf(model, tmp_path / "x.gguf")
 
 

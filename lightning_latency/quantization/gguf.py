@@ -12,9 +12,11 @@ What llama.cpp's ``llama`` architecture expects, and why the code below does wha
   :func:`~.weight_only_qat.prepare_gguf_qat` is written on *its* grid from its latent weight, which gives exactly
   the weight its last training forward used (:mod:`.gguf_grid` is bit for bit the same arithmetic).
 * Norm weights and 1-D tensors are F32, as llama.cpp requires.
-* Every layer must have the same head and FFN counts: per-layer arrays exist in the format, but whether llama.cpp's
-  ``llama`` graph honours them for every tensor could not be checked here, so a non-uniform model is refused with
-  the layer named (prune uniformly, or keep all layers' counts equal).
+* Per-layer head / KV-head / FFN counts (non-uniform structured pruning) are written as llama.cpp's ``deci``
+  architecture (its Llama variant for NAS-pruned Nemotron models) with per-layer arrays: llama.cpp b11739's
+  ``llama`` graph reads the arrays but shapes every layer's tensors by layer 0 ("tensor 'blk.1.ffn_gate.weight' has
+  wrong shape"), whereas ``deci`` builds each layer from its own counts (logits checked against PyTorch to 5e-7).
+  Uniform models stay ``llama``, the architecture every GGUF consumer knows.
 """
 
 from __future__ import annotations
@@ -68,19 +70,19 @@ def _head_dim(config: Any) -> int:
     return getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
 
 
-def _layer_counts(inner: nn.Module, head_dim: int) -> tuple[int, int, int]:
+def _layer_counts(inner: nn.Module, head_dim: int) -> list[tuple[int, int, int]]:
+    """(query heads, KV heads, FFN width) of every layer, read from the weight shapes (pruning changes them)."""
     counts = []
     for i, layer in enumerate(inner.layers):
         attn, mlp = layer.self_attn, layer.mlp
-        counts.append((attn.q_proj.out_features // head_dim, attn.k_proj.out_features // head_dim,
-                       mlp.gate_proj.out_features))
-    for i, c in enumerate(counts):
-        if c != counts[0]:
+        c = (attn.q_proj.out_features // head_dim, attn.k_proj.out_features // head_dim, mlp.gate_proj.out_features)
+        if min(c) < 1 or c[0] % c[1]:
             raise ValueError(
-                f"`model` layer {i} has (query heads, KV heads, FFN width) {c}, layer 0 has {counts[0]}: export_gguf "
-                f"writes uniform layers only. Prune every layer by the same amount (uniform pruning) before export."
+                f"`model` layer {i} has (query heads, KV heads, FFN width) {c}: export_gguf needs at least one of "
+                f"each and query heads a multiple of KV heads. Drop an emptied block instead (depth pruning)."
             )
-    return counts[0]
+        counts.append(c)
+    return counts
 
 
 def permute_for_rope(weight: np.ndarray, n_heads: int) -> np.ndarray:
@@ -171,7 +173,8 @@ def export_gguf(model: nn.Module, path: str | Path, qtype: str = "Q8_0", tokeniz
     """Write ``model`` (a Hugging Face Llama-family causal LM) as a GGUF file llama.cpp loads.
 
     Args:
-        model: e.g. ``LlamaForCausalLM`` (SmolLM2, a pruned/distilled student): GQA and tied embeddings handled.
+        model: e.g. ``LlamaForCausalLM`` (SmolLM2, a pruned/distilled student): GQA and tied embeddings handled;
+            per-layer head / FFN counts (read from the weight shapes) make the file llama.cpp's ``deci`` architecture.
         path: the ``.gguf`` file to write (parents created).
         qtype: ``"Q8_0"``, ``"Q4_0"``, ``"F16"`` or ``"F32"`` for the block linears (and an untied ``lm_head``).
             A layer prepared with :func:`~.weight_only_qat.prepare_gguf_qat` is written on its own trained grid.
@@ -186,8 +189,8 @@ def export_gguf(model: nn.Module, path: str | Path, qtype: str = "Q8_0", tokeniz
         ``path``.
 
     Raises:
-        ValueError: unknown ``qtype``/``embedding_qtype``, a model that is not Llama-family, per-layer head/FFN
-            counts that differ (the layer is named), a row width not a multiple of 32 for a block type.
+        ValueError: unknown ``qtype``/``embedding_qtype``, a model that is not Llama-family, a layer with no heads
+            or no FFN left (named), a row width not a multiple of 32 for a block type (the tensor named).
 
     Example::
 
@@ -202,7 +205,10 @@ def export_gguf(model: nn.Module, path: str | Path, qtype: str = "Q8_0", tokeniz
         _check_qtype("embedding_qtype", embedding_qtype)
     config, inner = _check_model(model)
     head_dim = _head_dim(config)
-    n_head, n_kv, n_ff = _layer_counts(inner, head_dim)
+    counts = _layer_counts(inner, head_dim)
+    uniform = all(c == counts[0] for c in counts)
+    arch = "llama" if uniform else "deci"
+    n_head, n_kv, n_ff = ([c[k] for c in counts] if not uniform else counts[0][k] for k in range(3))
     embed = inner.embed_tokens.weight
     lm_head = model.get_output_embeddings()
     tied = lm_head is None or lm_head.weight is embed or lm_head.weight.data_ptr() == embed.data_ptr()
@@ -211,7 +217,7 @@ def export_gguf(model: nn.Module, path: str | Path, qtype: str = "Q8_0", tokeniz
 
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    writer = gguf.GGUFWriter(str(path), "llama")
+    writer = gguf.GGUFWriter(str(path), arch)
     writer.add_name(name or getattr(config, "_name_or_path", "") or "lightning-latency export")
     writer.add_context_length(int(getattr(config, "max_position_embeddings", 2048)))
     writer.add_embedding_length(hidden)
@@ -223,7 +229,7 @@ def export_gguf(model: nn.Module, path: str | Path, qtype: str = "Q8_0", tokeniz
     writer.add_rope_freq_base(float(rope.get("rope_theta", getattr(config, "rope_theta", 10000.0))))
     writer.add_layer_norm_rms_eps(float(config.rms_norm_eps))
     writer.add_rope_dimension_count(head_dim)
-    if head_dim * n_head != hidden:
+    if any(head_dim * c[0] != hidden for c in counts):
         writer.add_key_length(head_dim)
         writer.add_value_length(head_dim)
     writer.add_vocab_size(n_vocab)
@@ -237,7 +243,7 @@ def export_gguf(model: nn.Module, path: str | Path, qtype: str = "Q8_0", tokeniz
         for hf_name, gguf_name in _LAYER_LINEARS:
             weight, grid = _weight_and_grid(layer.get_submodule(hf_name), qtype)
             if gguf_name in ("attn_q", "attn_k"):
-                weight = permute_for_rope(weight, n_head if gguf_name == "attn_q" else n_kv)
+                weight = permute_for_rope(weight, counts[i][0] if gguf_name == "attn_q" else counts[i][1])
             _add(writer, f"blk.{i}.{gguf_name}.weight", weight, grid)
     _add(writer, "output_norm.weight", inner.norm.weight.float().cpu().numpy(), "F32")
     if not tied:
