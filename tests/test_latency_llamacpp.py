@@ -1,7 +1,8 @@
 """The llama.cpp runner on tiny exported GGUF files: loads, logits match the PyTorch model, greedy tokens agree.
 
 Skipped, with the reason, where llama-cpp-py-sync is absent or its prebuilt library does not load (it needs
-glibc >= 2.38). Measured where it loads: F32 reference mode 3.5e-7 of the largest logit, Q8_0/Q4_0 0.8-1.0%. The exporter itself is verified without llama.cpp in tests/test_quantization_gguf.py.
+glibc >= 2.38). Measured where it loads: F32 reference mode 3.5e-7 of the largest logit, Q8_0/Q4_0 0.8-1.0%.
+The exporter itself is verified without llama.cpp in tests/test_quantization_gguf.py.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from lightning_latency.latency.llamacpp import (  # noqa: E402
 )
 from lightning_latency.quantization.gguf import export_gguf  # noqa: E402
 from lightning_latency.quantization.weight_only_qat import prepare_gguf_qat  # noqa: E402
+from test_quantization_gguf import non_uniform_llama, untied_llama  # noqa: E402
 
 TOKENS = [3, 17, 99, 5, 64, 1, 127, 42, 8, 8, 31, 77, 2, 100, 56, 11]
 # F32 weights and an fp32 KV cache: llama.cpp and PyTorch differ by fp32 summation order only (~1e-6 relative per
@@ -33,16 +35,6 @@ F32_REL = 1e-4
 # max|x|/127) before the dot product, an error of at most 1/254 of the block's largest value per element. Summed
 # in RMS over the ~6 chained matmuls of 2 layers that stays near 1% of the logit range (0.8-1.0% measured); allow 2%.
 BLOCK_REL = 0.02
-
-
-def untied_llama():
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=128, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
-                      num_key_value_heads=2, intermediate_size=96, max_position_embeddings=256,
-                      tie_word_embeddings=False)
-    return LlamaForCausalLM(cfg).eval()
 
 
 def _torch_logits(model, tokens):
@@ -71,8 +63,6 @@ def test_exported_gguf_logits_match_the_fake_quantized_model(qtype: str, rel: fl
 
 @needs_llamacpp
 def test_non_uniform_pruned_model_runs_in_llama_cpp(tmp_path) -> None:
-    from test_quantization_gguf import non_uniform_llama
-
     model = non_uniform_llama()
     path = export_gguf(model, tmp_path / "nu.gguf", qtype="F32")  # llama.cpp's `deci` architecture
     expected = _torch_logits(model, TOKENS)

@@ -4,7 +4,8 @@ Both formats cut each row into blocks of 32 values with one fp16 scale per block
 reference quantizer (``ggml-quants.c``, mirrored by the ``gguf`` package's ``gguf.quants``) operation by operation in
 fp32, because any reordering changes a rounding somewhere on real data:
 
-* Q8_0: ``d = max|x| / 127``, ``q = roundf(x * (1/d))`` (half away from zero), stored ``fp16(d)``; value ``q * fp16(d)``.
+* Q8_0: ``d = max|x| / 127``, ``q = roundf(x * (1/d))`` (half away from zero), stored ``fp16(d)``;
+  value ``q * fp16(d)``.
 * Q4_0: ``m`` = the value of largest magnitude (sign kept, first one on ties), ``d = m / -8``,
   ``q = clamp(trunc(x * (1/d) + 8.5), 0, 15)``, stored ``fp16(d)``; value ``(q - 8) * fp16(d)``.
 
