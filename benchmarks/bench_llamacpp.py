@@ -33,7 +33,7 @@ try:  # `python -m benchmarks.bench_llamacpp` from the root, or `python benchmar
 except ImportError:  # pragma: no cover
     from _common import cli, row
 
-from lightning_latency import assets, tasks
+from examples._support import assets, tasks
 from lightning_latency.latency.llamacpp import (
     LlamaCppConfig,
     llamacpp_perplexity,

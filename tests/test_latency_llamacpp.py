@@ -112,7 +112,7 @@ def test_an_unloadable_runtime_is_an_error_that_says_why(tmp_path) -> None:
 def test_smollm2_f32_export_runs_in_llama_cpp_like_hf(tmp_path) -> None:
     from llama_cpp_py_sync import Llama
 
-    from lightning_latency.assets import load_smollm2
+    from examples._support.assets import load_smollm2
 
     model, tokenizer = load_smollm2()
     text = "The BBC reported that the government"

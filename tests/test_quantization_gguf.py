@@ -294,7 +294,7 @@ def test_gguf_grid_layers_are_exported_not_converted() -> None:
 
 @pytest.mark.real_weights
 def test_smollm2_tokenizer_and_metadata_match_the_shipped_gguf(tmp_path) -> None:
-    from lightning_latency.assets import load_smollm2, smollm2_gguf
+    from examples._support.assets import load_smollm2, smollm2_gguf
 
     model, tokenizer = load_smollm2()
     path = export_gguf(model, tmp_path / "smollm2.Q8_0.gguf", qtype="Q8_0", tokenizer=tokenizer)

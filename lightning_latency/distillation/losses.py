@@ -97,6 +97,13 @@ def token_mask(
         mask: ``(...)`` bool or 0/1; ``False``/0 positions are dropped (e.g. an attention mask for padding).
         shift_labels: causal LM shift: keep ``logits[:, :-1]`` and score them against ``labels[:, 1:]`` / ``mask[:, 1:]``.
     """
+    for name, value in (("labels", labels), ("mask", mask)):
+        if value is not None and tuple(value.shape) != tuple(logits.shape[:-1]):
+            raise ValueError(
+                f"`{name}` must have the logits' leading shape {tuple(logits.shape[:-1])} (logits "
+                f"{tuple(logits.shape)}: one entry per scored position), got {tuple(value.shape)}. Pass the batch's "
+                f"own {name} (for a causal LM the same (batch, seq) ids the model takes, with shift_labels=True)."
+            )
     if shift_labels:
         if logits.dim() != 3:
             raise ValueError(
