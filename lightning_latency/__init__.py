@@ -11,9 +11,11 @@ import warnings
 from typing import Any
 
 from lightning_latency._deprecation import LightningLatencyDeprecationWarning
+from lightning_latency._quiet import silence_import_noise
 
 # Python hides DeprecationWarning outside __main__; a renamed argument in a user's script must be seen once.
 warnings.simplefilter("default", LightningLatencyDeprecationWarning)
+silence_import_noise()  # torchao's CUDA-kernel and pytree messages at its first import, on CPU (see _quiet.py)
 
 __version__ = "0.1.0"
 

@@ -10,10 +10,9 @@ Lightning: the callbacks are only asked what they did (``compresses``, ``deploy_
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import warnings
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable
 from typing import Any
 
 from torch import nn
@@ -23,23 +22,6 @@ from lightning_latency.latency.config import LatencyConfig
 from lightning_latency.latency.measure import LatencyReport, measure_latency
 
 _log = logging.getLogger(__name__)
-# Loggers that warn once, at torchao's import, about things a CPU run does not use (torchao 0.18: "Failed to load
-# .../_C_mxfp8...so", CUDA-only kernels; torch 2.13's pytree: "KernelPreference is an Enum subclass ... deprecated").
-_IMPORT_NOISE = ("torchao", "torch.utils._pytree")
-
-
-@contextlib.contextmanager
-def quiet_torchao_import() -> Iterator[None]:
-    """Silence the import-time warnings of torchao (see ``_IMPORT_NOISE``) below ERROR while the block runs."""
-    loggers = [logging.getLogger(name) for name in _IMPORT_NOISE]
-    levels = [logger.level for logger in loggers]
-    for logger in loggers:
-        logger.setLevel(logging.ERROR)
-    try:
-        yield
-    finally:
-        for logger, level in zip(loggers, levels):
-            logger.setLevel(level)
 
 
 def parse_deploy_final(value: Any) -> str | None | bool:
@@ -63,10 +45,9 @@ def parse_deploy_final(value: Any) -> str | None | bool:
 
 
 def _quantized(module: nn.Module) -> bool:
-    with quiet_torchao_import():  # the monitor's first use of torchao (imported lazily inside these calls too)
-        from lightning_latency.quantization.qat import is_converted, is_prepared
+    from lightning_latency.quantization.qat import is_converted, is_prepared
 
-        return is_prepared(module) or is_converted(module)
+    return is_prepared(module) or is_converted(module)
 
 
 def final_backend(module: nn.Module, callbacks: Iterable[Any], deploy_final: str | None | bool = None
@@ -109,9 +90,8 @@ def deployed_copy(module: nn.Module, inputs: Any, backend: str, config: Any = No
     A torchao-converted copy goes back to its float weights (on the int8 grid) first unless ``backend`` is
     ``"torchao"``, so any backend can deploy it.
     """
-    with quiet_torchao_import():
-        from lightning_latency.quantization import deploy
-        from lightning_latency.quantization.qat import is_converted, unconvert_qat
+    from lightning_latency.quantization import deploy
+    from lightning_latency.quantization.qat import is_converted, unconvert_qat
 
     work = _deepcopy_detached(module)
     if is_converted(work) and backend != "torchao":
@@ -159,5 +139,5 @@ def measure_final(module: nn.Module, inputs: Any, config: LatencyConfig, backend
                      "eager_form": trained_form(module, config)}
 
 
-__all__ = ["deployed_copy", "final_backend", "measure_final", "parse_deploy_final", "quiet_torchao_import",
+__all__ = ["deployed_copy", "final_backend", "measure_final", "parse_deploy_final",
            "trained_form"]
