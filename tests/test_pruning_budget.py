@@ -207,3 +207,31 @@ def test_core_prunes_to_the_budget_in_a_plain_loop() -> None:
     again = BudgetPruner(target, fake_latency, _loss)
     again.load_state_dict(pruner.state_dict())
     assert again.allocation == pruner.allocation and again.measured_ms == pruner.measured_ms
+
+
+def test_when_savings_are_smaller_than_predicted_the_pruner_goes_on_until_the_measurement_meets_the_target() -> None:
+    """A latency whose savings shrink as the model shrinks (convex in the structure): each removal measured alone on
+    the dense model saves more than it does after others, so the plan reaches the target by prediction only."""
+    from lightning_latency.pruning.budget import greedy_moves
+    from lightning_latency.pruning.budget_pruner import BudgetPruner
+
+    def convex(model: nn.Module) -> float:
+        return fake_latency(model) ** 2 / 50.0
+
+    model = tiny_bert()
+    floor = tiny_bert()
+    apply_moves(floor, [Move(b, k, 0.75) for b, k in prunable_units(floor)])
+    dense, lowest = convex(model), convex(floor)
+    target = lowest + 0.2 * (dense - lowest)
+    pruner = BudgetPruner(target, convex, _loss, start_step=1, every_n_steps=1, steps=2, calibration_batches=1)
+    pruner.check(model)
+    for step, batch in enumerate(_batches(4), start=1):
+        pruner.collect(batch)
+        pruner.maybe_prune(model, step)
+    planned = plan_budget(pruner.report, target)
+    assert pruner.done and pruner.measured_ms <= target and convex(model) == pytest.approx(pruner.measured_ms)
+    assert len(pruner.allocation) > len(planned), "the prediction alone already met the target: nothing tested"
+    assert pruner.allocation == greedy_moves(pruner.report)[: len(pruner.allocation)]  # the same order, continued
+    again = BudgetPruner(target, convex, _loss)
+    again.load_state_dict(pruner.state_dict())
+    assert again.reserve == pruner.reserve and again.allocation == pruner.allocation

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import copy
 import math
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -269,27 +269,19 @@ class BudgetUnreachable(ValueError):
     """The latency target cannot be met within the allowed removals; the message says what is reachable."""
 
 
-def plan_budget(report: SensitivityReport, target_ms: float) -> list[Move]:
-    """Removals, cheapest loss per millisecond first, until the predicted latency is at most ``target_ms``.
+def _greedy(report: SensitivityReport) -> Iterator[tuple[Move, float]]:
+    """Every allowed move, cheapest loss per saved millisecond first, with the latency predicted after it.
 
     Each unit moves up its fractions one level at a time; a move's price is the extra loss divided by the extra
-    time it saves (moves that save nothing are never taken). Ties go to the bigger saving, then by block name, so every rank and every
-    resume plans the same.
-
-    Raises:
-        ValueError: ``report`` has no latency (``latency_fn`` was None) or ``target_ms`` is not positive.
-        BudgetUnreachable: even every allowed removal leaves the prediction above ``target_ms``.
+    time it saves (moves that save nothing are never taken). Ties go to the bigger saving, then by block name, so
+    every rank and every resume gets the same order.
     """
-    if report.base_ms is None:
-        raise ValueError("`report` has no latency: run layer_sensitivity(..., latency_fn=...) to plan a budget.")
-    if not (isinstance(target_ms, (int, float)) and target_ms > 0):
-        raise ValueError(f"`target_ms` must be a positive number of milliseconds, got {target_ms!r}.")
     levels = {u: [r for r in report.rows if (r.block, r.kind) == u] for u in report.units()}
     for rows in levels.values():
         rows.sort(key=lambda r: r.fraction)
     position = {u: -1 for u in levels}
-    predicted, plan = report.base_ms, []
-    while predicted > target_ms * (1 + 1e-9):  # predicted is a sum of differences: allow float rounding
+    predicted = report.base_ms or 0.0
+    while True:
         best: tuple[float, float, str, str, SensitivityRow] | None = None
         for u, rows in levels.items():
             i = position[u] + 1
@@ -305,17 +297,45 @@ def plan_budget(report: SensitivityReport, target_ms: float) -> list[Move]:
             if best is None or candidate[:4] < best[:4]:
                 best = candidate
         if best is None:
+            return
+        _, minus_gain, block, kind, row = best
+        position[(block, kind)] += 1
+        predicted += minus_gain
+        yield Move(block, kind, row.fraction), predicted  # type: ignore[arg-type]
+
+
+def greedy_moves(report: SensitivityReport) -> list[Move]:
+    """Every allowed removal in the order :func:`plan_budget` takes them (it takes a prefix of this list)."""
+    return [move for move, _ in _greedy(report)]
+
+
+def plan_budget(report: SensitivityReport, target_ms: float) -> list[Move]:
+    """Removals, cheapest loss per millisecond first, until the predicted latency is at most ``target_ms``.
+
+    Each unit moves up its fractions one level at a time; a move's price is the extra loss divided by the extra
+    time it saves (moves that save nothing are never taken). Ties go to the bigger saving, then by block name, so
+    every rank and every resume plans the same.
+
+    Raises:
+        ValueError: ``report`` has no latency (``latency_fn`` was None) or ``target_ms`` is not positive.
+        BudgetUnreachable: even every allowed removal leaves the prediction above ``target_ms``.
+    """
+    if report.base_ms is None:
+        raise ValueError("`report` has no latency: run layer_sensitivity(..., latency_fn=...) to plan a budget.")
+    if not (isinstance(target_ms, (int, float)) and target_ms > 0):
+        raise ValueError(f"`target_ms` must be a positive number of milliseconds, got {target_ms!r}.")
+    predicted, plan = report.base_ms, []
+    moves = _greedy(report)
+    while predicted > target_ms * (1 + 1e-9):  # predicted is a sum of differences: allow float rounding
+        step = next(moves, None)
+        if step is None:
             raise BudgetUnreachable(
                 f"`target_ms`={target_ms:g} cannot be reached: with every allowed removal the predicted latency is "
                 f"{predicted:.3f} ms (dense {report.base_ms:.3f} ms). Pass target_ms >= {predicted:.3f}, raise "
                 "`max_fraction`, or quantize as well."
             )
-        _, _, block, kind, row = best
-        u = (block, kind)
-        prev_saved = levels[u][position[u]].saved_ms if position[u] >= 0 else 0.0
-        predicted -= (row.saved_ms or 0.0) - (prev_saved or 0.0)
-        position[u] += 1
-        plan.append(Move(block, kind, row.fraction))  # type: ignore[arg-type]
+        move, predicted = step
+        plan.append(move)
     return plan
 
 
@@ -325,6 +345,7 @@ __all__ = [
     "SensitivityReport",
     "SensitivityRow",
     "apply_moves",
+    "greedy_moves",
     "layer_sensitivity",
     "plan_budget",
     "prunable_units",

@@ -23,6 +23,7 @@ from lightning_latency.pruning.budget import (
     SensitivityReport,
     apply_moves,
     check_fractions,
+    greedy_moves,
     layer_sensitivity,
     plan_budget,
     prunable_units,
@@ -67,7 +68,8 @@ class BudgetPruner:
         self.fractions = check_fractions(fractions, max_fraction)
         self.calibration: list[Any] = []
         self.plan: list[Move] = []
-        self.applied = 0
+        self.reserve: list[Move] = []  # the allowed removals after the plan, in the same order: used when the
+        self.applied = 0               # measured latency is still above the target once the plan is done
         self.done = False
         self.history: list[tuple[int, float]] = []
         self.original: dict[str, Any] = {}
@@ -127,23 +129,32 @@ class BudgetPruner:
         chunk = remaining if index >= self.steps - 1 else -(-remaining // (self.steps - index))
         measured = None
         for _ in range(chunk):
-            apply_moves(model, [self.plan[self.applied]])
-            self.applied += 1
-            measured = self._measure(model)
-            if broadcast is not None:
-                measured = float(broadcast(measured))
-            if measured <= self.target_ms:
-                self.done = True
+            measured = self._apply_next(model, broadcast)
+            if self.done:
                 break
+        # the plan is done but the measurement is not: savings were smaller than predicted, so go on through the
+        # next-cheapest removals, one at a time, measuring after each (the floor check said the target is reachable)
+        while not self.done and self.applied >= len(self.plan) and self.reserve:
+            self.plan.append(self.reserve.pop(0))
+            measured = self._apply_next(model, broadcast)
         if measured is None:
             return None
         self.original = original_structure(model)
         self.history.append((step, measured))
         if not self.done and self.applied >= len(self.plan):
-            warn(f"every planned removal applied and the model measures {measured:.3f} ms, above `target_ms`="
+            warn(f"every allowed removal applied and the model measures {measured:.3f} ms, above `target_ms`="
                  f"{self.target_ms:g}. Savings were smaller than the sensitivity pass predicted; quantize as well or "
                  "raise max_fraction.")
             self.done = True
+        return measured
+
+    def _apply_next(self, model: nn.Module, broadcast: Broadcast | None) -> float:
+        apply_moves(model, [self.plan[self.applied]])
+        self.applied += 1
+        measured = self._measure(model)
+        if broadcast is not None:
+            measured = float(broadcast(measured))
+        self.done = measured <= self.target_ms
         return measured
 
     def metrics(self, model: nn.Module, measured: float) -> dict[str, float]:
@@ -157,16 +168,17 @@ class BudgetPruner:
         batches = [move_to(b, device) for b in self.calibration] if device is not None else self.calibration
         self.report = layer_sensitivity(model, self.loss_fn, batches, self.fractions, self.latency_fn,
                                         self.max_fraction)
+        order = greedy_moves(self.report)
         try:
-            plan = plan_budget(self.report, self.target_ms)
+            planned = len(plan_budget(self.report, self.target_ms))
         except BudgetUnreachable as err:  # prediction says no; the measurement may still get there
-            warn(f"{err} Applying every allowed removal.")
-            plan = [Move(r.block, r.kind, r.fraction) for r in sorted(self.report.rows,
-                                                                       key=lambda r: (r.fraction, r.block))]
-        rows = [(m.block, m.kind, m.fraction) for m in plan]
+            warn(f"{err} Applying the allowed removals in order until the measurement meets it.")
+            planned = len(order)
+        rows = [(m.block, m.kind, m.fraction) for m in order]
         if broadcast is not None:  # one plan for all ranks: rank 0's measurements decide
             rows = broadcast(rows)
-        self.plan, self.calibration = [Move(*r) for r in rows], []
+        moves = [Move(*r) for r in rows]
+        self.plan, self.reserve, self.calibration = moves[:planned], moves[planned:], []
         info(f"target {self.target_ms:g} ms, dense {self.report.base_ms:.3f} ms; {len(self.plan)} removals "
              f"planned\n{self.report.format()}")
 
@@ -180,11 +192,13 @@ class BudgetPruner:
 
     def state_dict(self) -> dict[str, Any]:
         return {"plan": [(m.block, m.kind, m.fraction) for m in self.plan], "applied": self.applied,
+                "reserve": [(m.block, m.kind, m.fraction) for m in self.reserve],
                 "done": self.done, "history": list(self.history), "original": self.original}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Restore :meth:`state_dict` (keys read with defaults: checkpoints of older releases load)."""
         self.plan = [Move(b, k, f) for b, k, f in state_dict.get("plan", [])]
+        self.reserve = [Move(b, k, f) for b, k, f in state_dict.get("reserve", [])]
         self.applied = state_dict.get("applied", 0)
         self.done = state_dict.get("done", False)
         self.history = [tuple(h) for h in state_dict.get("history", [])]
