@@ -103,7 +103,7 @@ def _variants(base: nn.Module, prefix: str = "") -> dict[str, tuple[nn.Module, b
     # the blocks): int8 for it alone costs ~1/5 more bytes per token.
     m = copy.deepcopy(base).eval()
     quantize_weight_only(m, bits=8, targets=["lm_head"])
-    quantize_weight_only(m, bits=4, group_size=32, skip=["*lm_head*", "*embed*", "*norm*"])
+    quantize_weight_only(m, bits=4, group_size=32, exclude=["*lm_head*", "*embed*", "*norm*"])
     out[f"{prefix}int4 g32 + int8 lm_head fast"] = (m, True)
     return out
 

@@ -132,7 +132,7 @@ def test_accepts_torchao_config() -> None:
     from torchao.quantization import Int8WeightOnlyConfig
 
     model = tiny_llama()
-    names = quantize_weight_only(model, Int8WeightOnlyConfig(), skip=["*lm_head*", "*embed*", "*norm*"])
+    names = quantize_weight_only(model, Int8WeightOnlyConfig(), exclude=["*lm_head*", "*embed*", "*norm*"])
     assert names and "lm_head" not in names
     from torchao.utils import TorchAOBaseTensor
 
@@ -155,3 +155,13 @@ def test_state_dict_round_trip_and_dtype_casts(bits: int) -> None:
         # casting the model afterwards (buffers included) must not break the kernels' bf16 scales
         target.double().float()
         assert torch.equal(target(input_ids=ids).logits, ref)
+
+
+def test_exclude_is_the_pattern_argument_and_skip_its_deprecated_name() -> None:
+    from lightning_latency._deprecation import LightningLatencyDeprecationWarning
+
+    model = nn.Sequential(nn.Linear(64, 64), nn.Linear(64, 64))
+    assert quantize_weight_only(model, bits=8, exclude=["re:^0$"]) == ["1"]  # the one pattern type: 're:' works
+    old = nn.Sequential(nn.Linear(64, 64), nn.Linear(64, 64))
+    with pytest.warns(LightningLatencyDeprecationWarning, match="`skip`.*exclude="):
+        assert quantize_weight_only(old, bits=8, skip=["0"]) == ["1"]

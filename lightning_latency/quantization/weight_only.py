@@ -28,11 +28,13 @@ Kernel constraints (torch 2.13, checked up front with errors that say what to pa
 from __future__ import annotations
 
 from collections.abc import Sequence
-from fnmatch import fnmatchcase
 from typing import Any
 
 import torch
 from torch import nn
+
+from lightning_latency._deprecation import renamed
+from lightning_latency.patterns import compile_patterns, matches_any
 
 INT4_GROUP_SIZES = (32, 64, 128, 256)
 
@@ -88,21 +90,21 @@ def check_kernel_shape(name: str, module: nn.Linear, bits: int, group_size: int,
         if in_f % 16:
             raise ValueError(
                 f"Layer {name!r} has in_features={in_f}; the packed int8 CPU kernel needs a multiple of 16. "
-                f"Add {name!r} to `skip`."
+                f"Add {name!r} to `exclude`."
             )
         return
     if in_f % group_size:
         widths = list(all_widths) or [in_f]
         valid = [g for g in INT4_GROUP_SIZES if all(w % g == 0 for w in widths)]
-        hint = f"group_size={valid[-1]}" if valid else f"skip=[..., {name!r}]"
+        hint = f"group_size={valid[-1]}" if valid else f"exclude=[..., {name!r}]"
         raise ValueError(
             f"`group_size`={group_size} does not divide in_features={in_f} of layer {name!r} (int4 weights are "
-            f"quantized in groups along the input dimension). Pass {hint}, or add the layer to `skip`."
+            f"quantized in groups along the input dimension). Pass {hint}, or add the layer to `exclude`."
         )
     if out_f % 16:
         raise ValueError(
             f"Layer {name!r} has out_features={out_f}; the packed int4 CPU kernel needs a multiple of 16. "
-            f"Add {name!r} to `skip`, or pass bits=8."
+            f"Add {name!r} to `exclude`, or pass bits=8."
         )
 
 
@@ -209,38 +211,31 @@ def is_weight_only(module: nn.Module) -> bool:
 
 
 # ---------------------------------------------------------------------------------------------------- the verb
-def _matches(name: str, module: nn.Module, patterns: Sequence[str]) -> bool:
-    cls = type(module).__name__
-    return any(fnmatchcase(name, p) or fnmatchcase(cls, p) for p in patterns)
-
-
-def select_linears(model: nn.Module, targets: Sequence[str] | None, skip: Sequence[str] | None,
+def select_linears(model: nn.Module, targets: Sequence[str] | None, exclude: Sequence[str] | None,
                    kind: type[nn.Module] = nn.Linear) -> dict[str, nn.Module]:
-    """``kind`` modules of ``model`` matching ``targets`` (None: all) and neither they nor a parent matching ``skip``.
-
-    Patterns are fnmatch on the fully qualified name or the class name, as in ``QuantizationConfig``.
+    """``kind`` modules of ``model`` matching ``targets`` (None: all) and neither they nor a parent matching
+    ``exclude``. Patterns are :mod:`lightning_latency.patterns` (fnmatch on the qualified name or the class name,
+    ``"re:<regex>"``), as everywhere.
 
     Raises:
-        ValueError: nothing selected.
+        ValueError: a pattern that is not one; nothing selected.
     """
-    skip = WEIGHT_ONLY_DEFAULT_SKIP if skip is None else tuple(skip)
-    for arg, value in (("targets", targets), ("skip", skip)):
-        if value is not None and (isinstance(value, str) or not all(isinstance(p, str) for p in value)):
-            raise ValueError(f"`{arg}` must be a list of fnmatch patterns, got {value!r}. Pass e.g. {arg}=['*mlp*'].")
+    excluded = compile_patterns(WEIGHT_ONLY_DEFAULT_SKIP if exclude is None else exclude, "exclude")
+    wanted = None if targets is None else compile_patterns(targets, "targets")
     skipped: list[str] = []
     out: dict[str, nn.Module] = {}
     for name, module in model.named_modules():
-        if name and _matches(name, module, skip):
+        if name and matches_any(excluded, name, module):
             skipped.append(name + ".")
             continue
         if any(name.startswith(p) for p in skipped) or type(module) is not kind:
             continue
-        if targets is None or _matches(name, module, targets):
+        if wanted is None or matches_any(wanted, name, module):
             out[name] = module
     if not out:
         raise ValueError(
-            f"Nothing to quantize: `targets`={targets!r} with `skip`={list(skip)!r} matched no {kind.__name__} in "
-            f"{type(model).__name__}. Fix the patterns or pass skip=[]."
+            f"Nothing to quantize: `targets`={targets!r} with `exclude`={[p.text for p in excluded]!r} matched no "
+            f"{kind.__name__} in {type(model).__name__}. Fix the patterns or pass exclude=[]."
         )
     return out
 
@@ -253,7 +248,8 @@ def _replace(model: nn.Module, name: str, new: nn.Module) -> nn.Module:
 
 
 def quantize_weight_only(model: nn.Module, bits: int | Any = 4, group_size: int = 32,
-                         targets: Sequence[str] | None = None, skip: Sequence[str] | None = None) -> list[str]:
+                         targets: Sequence[str] | None = None, exclude: Sequence[str] | None = None,
+                         skip: Sequence[str] | None = None) -> list[str]:
     """Replace the selected ``nn.Linear`` layers of ``model`` in place with packed weight-only int4 / int8 linears.
 
     Args:
@@ -264,8 +260,8 @@ def quantize_weight_only(model: nn.Module, bits: int | Any = 4, group_size: int 
             ``quantize_`` to the same selection (its own kernels then decide the speed).
         group_size: int4 group size, one of 32, 64, 128, 256, dividing every selected layer's ``in_features``.
         targets: fnmatch patterns (name or class name) to quantize; None: every ``nn.Linear``.
-        skip: fnmatch patterns never quantized; None: :data:`WEIGHT_ONLY_DEFAULT_SKIP` (embeddings, norms,
-            classifier heads; ``lm_head`` *is* quantized).
+        exclude: patterns never quantized; None: :data:`WEIGHT_ONLY_DEFAULT_SKIP` (embeddings, norms,
+            classifier heads; ``lm_head`` *is* quantized). ``skip``: its deprecated name.
 
     Returns:
         Names of the replaced layers, in model order.
@@ -280,7 +276,8 @@ def quantize_weight_only(model: nn.Module, bits: int | Any = 4, group_size: int 
         quantize_weight_only(model, bits=4, group_size=32)
         tokens = fast_generate(model, tok("Hello", return_tensors="pt").input_ids, max_new_tokens=32)
     """
-    selected = select_linears(model, targets, skip)
+    exclude = renamed("quantize_weight_only", "skip", skip, "exclude", exclude, None)
+    selected = select_linears(model, targets, exclude)
     if not isinstance(bits, int):
         from torchao.core.config import AOBaseConfig
         from torchao.quantization import quantize_

@@ -26,6 +26,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from lightning_latency._deprecation import renamed
 from lightning_latency.quantization.gguf_grid import check_gguf_grid, gguf_dequantize, gguf_grid
 from lightning_latency.quantization.weight_only import (
     Int4WeightOnlyLinear,
@@ -126,7 +127,8 @@ def weight_only_fake_quantized(model: nn.Module) -> dict[str, WeightOnlyFakeQuan
 
 
 def prepare_weight_only_qat(model: nn.Module, bits: int = 4, group_size: int = 32,
-                            targets: Sequence[str] | None = None, skip: Sequence[str] | None = None) -> list[str]:
+                            targets: Sequence[str] | None = None, exclude: Sequence[str] | None = None,
+                            skip: Sequence[str] | None = None) -> list[str]:
     """Swap the selected linears of ``model`` in place for fake-quantized ones on the deployment grid.
 
     Idempotent (already prepared layers are kept). Same selection and checks as
@@ -137,7 +139,8 @@ def prepare_weight_only_qat(model: nn.Module, bits: int = 4, group_size: int = 3
         bits: 4 (group-wise asymmetric) or 8 (per-channel symmetric).
         group_size: int4 group size (32, 64, 128, 256) dividing every selected ``in_features``.
         targets: fnmatch patterns to quantize; None: every ``nn.Linear``.
-        skip: fnmatch patterns never quantized; None: embeddings, norms, classifier heads (``lm_head`` included).
+        exclude: patterns never quantized (fnmatch, ``"re:"``); None: embeddings, norms, classifier heads
+            (``lm_head`` included). ``skip``: its deprecated name.
 
     Returns:
         Names of all fake-quantized layers.
@@ -153,7 +156,8 @@ def prepare_weight_only_qat(model: nn.Module, bits: int = 4, group_size: int = 3
     """
     check_bits_and_group(bits, group_size)
     try:
-        todo = select_linears(model, targets, skip)
+        exclude = renamed("prepare_weight_only_qat", "skip", skip, "exclude", exclude, None)
+        todo = select_linears(model, targets, exclude)
     except ValueError:
         if weight_only_fake_quantized(model):
             return list(weight_only_fake_quantized(model))  # a second call: everything selected is prepared
@@ -167,7 +171,7 @@ def prepare_weight_only_qat(model: nn.Module, bits: int = 4, group_size: int = 3
 
 
 def prepare_gguf_qat(model: nn.Module, qtype: str = "Q4_0", targets: Sequence[str] | None = None,
-                     skip: Sequence[str] | None = None) -> list[str]:
+                     exclude: Sequence[str] | None = None, skip: Sequence[str] | None = None) -> list[str]:
     """Swap the selected linears of ``model`` in place for ones fake-quantized on GGUF's ``qtype`` block grid.
 
     Train as usual, then :func:`~.gguf.export_gguf` (same ``qtype``) writes exactly the weights the last forward
@@ -178,7 +182,8 @@ def prepare_gguf_qat(model: nn.Module, qtype: str = "Q4_0", targets: Sequence[st
         model: a Hugging Face Llama-family causal LM (or any module).
         qtype: ``"Q8_0"`` or ``"Q4_0"``.
         targets: fnmatch patterns to fake-quantize; None: every ``nn.Linear``.
-        skip: fnmatch patterns never fake-quantized; None: embeddings, norms, classifier heads.
+        exclude: patterns never fake-quantized (fnmatch, ``"re:"``); None: embeddings, norms, classifier heads.
+            ``skip``: its deprecated name.
 
     Returns:
         Names of all fake-quantized layers.
@@ -194,7 +199,8 @@ def prepare_gguf_qat(model: nn.Module, qtype: str = "Q4_0", targets: Sequence[st
     """
     check_gguf_grid(qtype)
     try:
-        todo = select_linears(model, targets, skip)
+        exclude = renamed("prepare_gguf_qat", "skip", skip, "exclude", exclude, None)
+        todo = select_linears(model, targets, exclude)
     except ValueError:
         if weight_only_fake_quantized(model):
             return list(weight_only_fake_quantized(model))
