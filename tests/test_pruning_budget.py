@@ -235,3 +235,25 @@ def test_when_savings_are_smaller_than_predicted_the_pruner_goes_on_until_the_me
     again = BudgetPruner(target, convex, _loss)
     again.load_state_dict(pruner.state_dict())
     assert again.reserve == pruner.reserve and again.allocation == pruner.allocation
+
+
+def test_greedy_order_ends_with_every_unit_at_its_largest_fraction() -> None:
+    """Levels whose single saving measured as nothing (noise) are still in the order, last, so a pruner that keeps
+    going reaches the floor the setup check measured."""
+    from lightning_latency.pruning.budget import greedy_moves
+
+    def flat_then_fake(model: nn.Module) -> float:  # layer 0's head removals save nothing when measured alone
+        s = structure(model)
+        layer0 = s.get("bert.encoder.layer.0.attention", {}).get("heads", 0)
+        return fake_latency(model) + HEAD_MS * (4 - layer0)
+
+    model = tiny_bert().eval()
+    report = layer_sensitivity(model, _loss, _batches(1), (0.25, 0.5, 0.75), flat_then_fake, 0.75)
+    order = greedy_moves(report)
+    assert len(order) == len(report.rows)  # nothing left out
+    last = {}
+    for m in order:
+        last[(m.block, m.kind)] = m.fraction
+    assert set(last.values()) == {0.75}
+    with pytest.raises(BudgetUnreachable):  # the prediction alone cannot count the silent levels
+        plan_budget(report, 0.01)

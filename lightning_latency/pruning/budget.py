@@ -297,6 +297,12 @@ def _greedy(report: SensitivityReport) -> Iterator[tuple[Move, float]]:
             if best is None or candidate[:4] < best[:4]:
                 best = candidate
         if best is None:
+            # Levels whose measured saving was not positive (noise, or a unit too small to show alone) come last,
+            # lowest fraction first: the prediction says nothing of them, but together they still shrink the model
+            # (all of them: every unit at its largest fraction, the floor the callback checks in setup).
+            rest = [r for u, rows in levels.items() for r in rows[position[u] + 1:]]
+            for r in sorted(rest, key=lambda r: (r.fraction, r.delta_loss, r.block, r.kind)):
+                yield Move(r.block, r.kind, r.fraction), predicted  # type: ignore[arg-type]
             return
         _, minus_gain, block, kind, row = best
         position[(block, kind)] += 1
@@ -305,7 +311,9 @@ def _greedy(report: SensitivityReport) -> Iterator[tuple[Move, float]]:
 
 
 def greedy_moves(report: SensitivityReport) -> list[Move]:
-    """Every allowed removal in the order :func:`plan_budget` takes them (it takes a prefix of this list)."""
+    """Every allowed removal in the order :func:`plan_budget` takes them (it takes a prefix of this list), then the
+    levels whose measured saving was not positive, lowest fraction first: applied in full, the list reaches every
+    unit at its largest fraction."""
     return [move for move, _ in _greedy(report)]
 
 
