@@ -48,7 +48,7 @@ class CompressionCallback(CallbackBase):
 
     Subclasses call ``super().__init__(model_attr)``, override :meth:`validate` and :meth:`strategy_problem` where
     they have something to check, call ``super().setup(...)`` first when they override ``setup``, and keep their
-    per-run state in a core object whose ``state_dict`` they return.
+    per-run state in a core object assigned to :attr:`core` (its ``state_dict`` is then the callback's).
 
     Args:
         model_attr: attribute (dotted path allowed) of the LightningModule to act on, e.g. ``"model"``; None acts on
