@@ -9,7 +9,8 @@ Users import Lightning either as ``pytorch_lightning`` (the standalone package, 
   alike. Both base classes are the same code (hooks that do nothing), so the MRO is harmless.
 * Everything else (``LightningModule``, ``Trainer``, rank-zero helpers) comes from the *selected* package:
   ``pytorch_lightning`` unless ``LIGHTNING_LATENCY_BACKEND=lightning`` is set, or ``lightning.pytorch`` was
-  imported before us and ``pytorch_lightning`` was not.
+  imported before us and ``pytorch_lightning`` was not. ``DistillationModule`` then follows the package of the user
+  module that subclasses or builds it (:func:`follow_lightning_package`), so the import order does not matter.
 
 No other module of this package imports ``pytorch_lightning`` or ``lightning`` directly.
 """
@@ -21,6 +22,7 @@ import importlib.util
 import os
 import sys
 from types import ModuleType
+from collections.abc import Mapping
 from typing import Any
 
 _PL = "pytorch_lightning"
@@ -104,6 +106,58 @@ def lightning_classes(module: str, name: str) -> tuple[type, ...]:
     return tuple(found)
 
 
+
+def lightning_packages_in(namespace: Mapping[str, Any]) -> set[str]:
+    """The Lightning packages (``pytorch_lightning`` / ``lightning.pytorch``) whose objects ``namespace`` holds.
+
+    ``namespace`` is a module's globals: ``import lightning as L``, ``from lightning.pytorch import Trainer`` and
+    ``import pytorch_lightning as pl`` all count; Fabric, ``lightning_utilities`` and this package do not.
+    """
+    found = set()
+    for value in list(namespace.values()):
+        name = value.__name__ if isinstance(value, ModuleType) else getattr(value, "__module__", None)
+        if not isinstance(name, str):
+            continue
+        if name == _PL or name.startswith(_PL + "."):
+            found.add(_PL)
+        elif name in ("lightning", _L) or name.startswith(_L + "."):
+            found.add(_L)
+    return found
+
+
+_followed: dict[type, tuple[str, str]] = {}  # root class -> (package it now derives from, the module that decided)
+
+
+def follow_lightning_package(root: type, namespace: Mapping[str, Any], where: str) -> None:
+    """Make ``root`` (a ``LightningModule`` subclass of ours) derive from the package the user's code uses.
+
+    ``DistillationModule`` has to be a ``LightningModule`` of one package, and a ``Trainer`` of the other package
+    rejects it. The package chosen at our import (:func:`_select_backend`) can be the wrong one: with both
+    installed and ``lightning_latency`` imported first, it is ``pytorch_lightning``. When a user's module
+    (``namespace``, named ``where``) holds objects of exactly one package, ``root`` is re-based onto that package's
+    ``LightningModule`` (its subclasses follow), so the import order does not matter. Two user modules that use
+    different packages in one process cannot both be served: that is a ``TypeError`` saying what to change.
+    """
+    used = lightning_packages_in(namespace)
+    if len(used) != 1:
+        return  # no Lightning objects there, or both packages: nothing to follow
+    (package,) = used
+    current = _L if any(b.__module__.startswith(_L) for b in root.__mro__[1:]) else _PL
+    decided = _followed.get(root)
+    if decided is not None and decided[0] != package:
+        raise TypeError(
+            f"{where} uses `{package}`, but {decided[1]} uses `{decided[0]}`, and {root.__name__} can be a "
+            f"LightningModule of only one of them in one process (their Trainers reject each other's modules). Use "
+            f"one import style everywhere, e.g. `import lightning.pytorch as pl` or `import pytorch_lightning as pl`."
+        )
+    _followed.setdefault(root, (package, where))
+    if package == current:
+        return
+    old = importlib.import_module(current).LightningModule
+    new = importlib.import_module(package).LightningModule
+    root.__bases__ = tuple(new if base is old else base for base in root.__bases__)
+
+
 __all__ = [
     "BACKEND",
     "CallbackBase",
@@ -111,7 +165,9 @@ __all__ = [
     "LightningModule",
     "MisconfigurationException",
     "Trainer",
+    "follow_lightning_package",
     "lightning_classes",
+    "lightning_packages_in",
     "pl",
     "rank_zero_info",
     "rank_zero_only",

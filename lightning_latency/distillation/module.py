@@ -23,6 +23,7 @@ tensors cannot be saved for backward.
 from __future__ import annotations
 
 import contextlib
+import sys
 from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
@@ -30,7 +31,7 @@ import torch
 from torch import Tensor, nn
 from typing_extensions import override
 
-from lightning_latency._compat import LightningModule
+from lightning_latency._compat import LightningModule, follow_lightning_package
 from lightning_latency.distillation.losses import DistillationLoss, task_cross_entropy, token_mask
 
 TOPK_VALUES = "teacher_topk_values"
@@ -121,6 +122,12 @@ class DistillationModule(LightningModule):
         Trainer(max_steps=1000, callbacks=[LatencyMonitor(...)]).fit(module, train_loader, val_loader)
     """
 
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        module = sys.modules.get(cls.__module__)
+        if module is not None and not cls.__module__.startswith("lightning_latency."):
+            follow_lightning_package(DistillationModule, vars(module), f"module {cls.__module__!r}")
+
     def __init__(
         self,
         student: nn.Module,
@@ -135,6 +142,7 @@ class DistillationModule(LightningModule):
         lr: float = 5e-5,
         weight_decay: float = 0.0,
     ) -> None:
+        _follow_caller()
         super().__init__()
         if not isinstance(student, nn.Module):
             raise ValueError(f"`student` must be an nn.Module, got {type(student).__name__} {student!r:.80}.")
@@ -360,6 +368,15 @@ def _batch_size(batch: Any) -> int | None:
             if isinstance(v, Tensor) and v.dim() > 0:
                 return int(v.shape[0])
     return None
+
+
+def _follow_caller() -> None:
+    """Follow the Lightning package of the first caller outside this package (a direct ``HFDistillationModule(...)``)."""
+    frame = sys._getframe(1)
+    while frame is not None and str(frame.f_globals.get("__name__", "")).startswith("lightning_latency."):
+        frame = frame.f_back
+    if frame is not None:
+        follow_lightning_package(DistillationModule, frame.f_globals, f"module {frame.f_globals.get('__name__')!r}")
 
 
 __all__ = ["DistillationModule", "TOPK_INDICES", "TOPK_VALUES", "eval_mode", "output_logits"]
