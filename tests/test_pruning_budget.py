@@ -6,6 +6,7 @@ Latency here is an injected fake (a linear cost per head and per neuron of the c
 from __future__ import annotations
 
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import pytest
@@ -121,6 +122,12 @@ def test_gqa_units_count_query_heads_per_group() -> None:
         (lambda: LatencyBudgetPruning(target_ms=5.0, latency_fn=fake_latency, start=1, start_step=2), ValueError,
          r"pass `start_step` only; `start` is its deprecated name"),
         (lambda: LatencyBudgetPruning(target_ms=5.0, latency_fn="fast"), ValueError, r"`latency_fn` must be callable"),
+        (lambda: LatencyBudgetPruning(target_ms=5.0, deploy_backend="ort"), ValueError,
+         r"`deploy_backend`='ort' times the deployment form on `example_inputs`: pass example_inputs"),
+        (lambda: LatencyBudgetPruning(target_ms=5.0, example_inputs=_batches(1)[0], deploy_backend="auto"),
+         ValueError, r"`deploy_backend`='auto' would build and time every deployment form"),
+        (lambda: LatencyBudgetPruning(target_ms=5.0, example_inputs=_batches(1)[0], deploy_backend="tensorrt"),
+         ValueError, r"`deploy_backend` must be one of .*got 'tensorrt'"),
     ],
 )
 def test_misconfiguration(make, error, match: str) -> None:
@@ -257,3 +264,43 @@ def test_greedy_order_ends_with_every_unit_at_its_largest_fraction() -> None:
     assert set(last.values()) == {0.75}
     with pytest.raises(BudgetUnreachable):  # the prediction alone cannot count the silent levels
         plan_budget(report, 0.01)
+
+
+def test_deployed_latency_fn_times_the_deployment_form_and_leaves_the_model_alone() -> None:
+    pytest.importorskip("onnxruntime")
+    from lightning_latency.latency import deployed_latency_fn
+    from lightning_latency.latency.config import LatencyConfig
+
+    model = tiny_bert().train()
+    inputs = {k: v[:1] for k, v in _batches(1)[0].items() if k != "labels"}
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    ms = deployed_latency_fn(inputs, "ort", latency=LatencyConfig(warmup=1, min_runs=3, max_time_s=0.5))(model)
+    assert ms > 0 and model.training
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
+def test_deploy_backend_deploys_every_candidate_of_the_sensitivity_pass(tmp_path: Path, monkeypatch) -> None:
+    """The budget is met by the form that ships: every latency the pruner sees comes from a deployed copy."""
+    import lightning_latency.latency.final as final
+
+    deployed: list[dict[str, Any]] = []
+
+    def fake_deployed_copy(model: nn.Module, inputs: Any, backend: str, config: Any = None, info: Any = None):
+        deployed.append({"backend": backend, "structure": structure(model)})
+        return (lambda **kw: torch.zeros(1)), {"backend": backend}
+
+    monkeypatch.setattr(final, "deployed_copy", fake_deployed_copy)
+    # the deployed form's p50: the fake latency of the structure that was deployed last
+    monkeypatch.setattr(final, "measure_latency", lambda fast, inputs, config=None: SimpleNamespace(
+        p50_ms=FIXED_MS + sum(v.get("heads", 0) * HEAD_MS + v.get("neurons", 0) * NEURON_MS
+                              for v in deployed[-1]["structure"].values())))
+    module = HFModule(kind="bert")
+    dense = fake_latency(module.model)
+    inputs = {k: v[:1] for k, v in _batches(1)[0].items() if k != "labels"}
+    budget = LatencyBudgetPruning(target_ms=0.55 * dense, example_inputs=inputs, deploy_backend="ort_int8",
+                                  start_step=2, every_n_steps=2, steps=3, calibration_batches=2)
+    _run(tmp_path, module, [budget], max_steps=8)
+    units = len(prunable_units(tiny_bert())) * len(budget.pruner.fractions)
+    assert {d["backend"] for d in deployed} == {"ort_int8"}
+    assert len(deployed) >= units + len(budget.history)  # every sensitivity candidate, then every pruning step
+    assert budget.measured_ms is not None and budget.measured_ms <= 0.55 * dense

@@ -26,6 +26,7 @@ from lightning_latency.latency.fast_generation import (
 from lightning_latency.latency.generation import GenerationReport, measure_generation
 from lightning_latency.latency.hardware import KNOWN_PEAKS, has_native_bf16, isa_flags, isa_summary, known_peaks
 from lightning_latency.latency.config import LatencyConfig
+from lightning_latency.latency.final import deployed_latency_fn
 from lightning_latency.latency.measure import LatencyReport, compare_latency, measure_latency
 from lightning_latency.latency.memory import ModelStats, model_stats, tensor_nbytes
 from lightning_latency.latency.recorder import LatencyRecorder
@@ -45,6 +46,7 @@ __all__ = [
     "TimingStats",
     "compare_latency",
     "decode_bytes_per_token",
+    "deployed_latency_fn",
     "fast_generate",
     "isa_flags",
     "has_native_bf16",

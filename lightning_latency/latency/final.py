@@ -105,6 +105,36 @@ def deployed_copy(module: nn.Module, inputs: Any, backend: str, config: Any = No
     return fast, about
 
 
+def deployed_latency_fn(example_inputs: Any, backend: str = "ort_int8", config: Any = None,
+                        latency: LatencyConfig | None = None) -> Callable[[nn.Module], float]:
+    """``latency_fn(model) -> p50 ms`` of the ``backend`` deployment form of ``model`` on ``example_inputs``.
+
+    For :class:`~lightning_latency.pruning.budget_callback.LatencyBudgetPruning` (``deploy_backend=``) and
+    :func:`~lightning_latency.pruning.budget.layer_sensitivity`: every candidate is deployed (on a deep copy, as
+    :func:`deployed_copy` does) and timed, so a latency budget is met by the form that ships, not by the eager
+    model it was trained as. Pick a form that builds in seconds (``"ort"``, ``"ort_int8"``): the sensitivity pass
+    deploys one copy per unit and fraction. ``"auto"`` is refused for that reason; run ``deploy(backend="auto")``
+    once on the dense model to see which form wins on this machine.
+
+    Raises:
+        ValueError: ``backend`` is not a :class:`~lightning_latency.quantization.config.Backend` name, or ``"auto"``.
+    """
+    from lightning_latency.quantization.config import Backend, parse_enum
+
+    if backend == "auto":
+        raise ValueError("`deploy_backend`='auto' would build and time every deployment form for each candidate. "
+                         "Pass the form you ship, e.g. deploy_backend='ort_int8' (deploy(model, inputs, "
+                         "backend='auto') once on the dense model says which form is fastest here).")
+    name = parse_enum(Backend, backend, "deploy_backend").value
+    settings = latency or LatencyConfig(warmup=2, min_runs=15, max_time_s=1.5)
+
+    def p50(model: nn.Module) -> float:
+        fast, _ = deployed_copy(model, example_inputs, name, config, info=lambda _msg: None)
+        return measure_latency(fast, example_inputs, settings.replace(compile=False)).p50_ms
+
+    return p50
+
+
 def trained_form(module: nn.Module, config: LatencyConfig) -> str:
     """What the ``eager`` figure of a final record timed: the model as it is, converted or not, compiled or not."""
     from lightning_latency.quantization.qat import is_converted
@@ -139,5 +169,5 @@ def measure_final(module: nn.Module, inputs: Any, config: LatencyConfig, backend
                      "eager_form": trained_form(module, config)}
 
 
-__all__ = ["deployed_copy", "final_backend", "measure_final", "parse_deploy_final",
+__all__ = ["deployed_copy", "deployed_latency_fn", "final_backend", "measure_final", "parse_deploy_final",
            "trained_form"]

@@ -34,7 +34,7 @@ class LatencyBudgetPruning(CompressionCallback):
     Args:
         target_ms: the latency to reach, in ms, as ``latency_fn`` measures it (e.g. p50 at batch 1).
         example_inputs: the inputs the default ``latency_fn`` times (``measure_latency`` p50, eager). Pass
-            ``latency_fn`` instead to time the deployment form (e.g. ``deploy`` + ``measure_latency``).
+            ``deploy_backend`` to time the deployment form instead, or your own ``latency_fn``.
         latency_fn: ``latency_fn(model) -> ms``; called on deep copies during the sensitivity pass.
         loss_fn: ``loss_fn(model, batch) -> scalar`` for sensitivity; default ``model(**batch).loss`` (Hugging Face).
         start_step: global step of the sensitivity pass and the first pruning step.
@@ -44,6 +44,10 @@ class LatencyBudgetPruning(CompressionCallback):
         fractions: removal fractions tried per unit.
         max_fraction: the most of any layer's heads or neurons that may be removed.
         model_attr: prune ``getattr(pl_module, model_attr)`` instead of ``compression_target``/the module.
+        deploy_backend: with ``example_inputs``, time every candidate in that deployment form
+            (:func:`~lightning_latency.latency.deployed_latency_fn`: ``"ort_int8"``, ``"ort"``, ``"x86"``, ...): the
+            budget is then met by the model as it ships. Forms that build in seconds (the ONNX Runtime ones) suit
+            the sensitivity pass, which deploys one copy per unit and fraction.
         start, frequency: deprecated names of ``start_step``, ``every_n_steps``.
 
     Raises:
@@ -72,6 +76,7 @@ class LatencyBudgetPruning(CompressionCallback):
         fractions: Sequence[float] = (0.25, 0.5, 0.75),
         max_fraction: float = 0.75,
         model_attr: str | None = None,
+        deploy_backend: str | None = None,
         start: int | None = None,
         frequency: int | None = None,
     ) -> None:
@@ -81,6 +86,13 @@ class LatencyBudgetPruning(CompressionCallback):
         if isinstance(target_ms, bool) or not isinstance(target_ms, (int, float)) or target_ms <= 0:
             raise ValueError(f"`target_ms` must be a positive number of milliseconds, got {target_ms!r}. "
                              "E.g. target_ms=8.0 for p50 at most 8 ms.")
+        if deploy_backend is not None:
+            if latency_fn is not None or example_inputs is None:
+                raise ValueError(f"`deploy_backend`={deploy_backend!r} times the deployment form on `example_inputs`: "
+                                 "pass example_inputs with it, and no latency_fn (a latency_fn decides the timing).")
+            from lightning_latency.latency.final import deployed_latency_fn
+
+            latency_fn = deployed_latency_fn(example_inputs, deploy_backend)
         if latency_fn is None and example_inputs is None:
             raise ValueError("LatencyBudgetPruning needs `example_inputs` (timed with measure_latency) or a "
                              "`latency_fn(model) -> ms`; got neither.")
