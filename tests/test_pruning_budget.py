@@ -5,6 +5,7 @@ Latency here is an injected fake (a linear cost per head and per neuron of the c
 
 from __future__ import annotations
 
+import copy
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -19,6 +20,7 @@ from lightning_latency.pruning.budget import (
     BudgetUnreachable,
     Move,
     apply_moves,
+    greedy_moves,
     layer_sensitivity,
     plan_budget,
     prunable_units,
@@ -304,3 +306,95 @@ def test_deploy_backend_deploys_every_candidate_of_the_sensitivity_pass(tmp_path
     assert {d["backend"] for d in deployed} == {"ort_int8"}
     assert len(deployed) >= units + len(budget.history)  # every sensitivity candidate, then every pruning step
     assert budget.measured_ms is not None and budget.measured_ms <= 0.55 * dense
+
+
+LAYER_MS = 3.0
+
+
+def fake_latency_depth(model: nn.Module) -> float:
+    """``fake_latency`` + 3 ms of fixed cost per layer still present (norms, residuals, launches)."""
+    from lightning_latency.pruning.depth import find_layers, skipped_layers
+
+    return fake_latency(model) + LAYER_MS * (len(find_layers(model)) - len(skipped_layers(model)))
+
+
+def _identity_layer_bert() -> nn.Module:
+    """3 layers; layer 2 is the identity on the residual stream (zero attention and MLP outputs, no norms)."""
+    model = tiny_bert(layers=3).eval()
+    layer = model.bert.encoder.layer[2]
+    with torch.no_grad():
+        for lin in (layer.attention.output.dense, layer.output.dense):
+            lin.weight.zero_()
+            lin.bias.zero_()
+    layer.attention.output.LayerNorm = nn.Identity()
+    layer.output.LayerNorm = nn.Identity()
+    return model
+
+
+def test_depth_sensitivity_prices_whole_layers_and_takes_the_free_one_first() -> None:
+    model = _identity_layer_bert()
+    report = layer_sensitivity(model, _loss, _batches(2), fractions=(0.5,), latency_fn=fake_latency_depth,
+                               depth=True)
+    blocks = [r for r in report.rows if r.kind == "block"]
+    assert [r.block for r in blocks] == ["bert.encoder.layer.1", "bert.encoder.layer.2"]  # never the first layer
+    free = report.row("bert.encoder.layer.2", "block", 1.0)
+    assert abs(free.delta_loss) < 0.05 * abs(report.row("bert.encoder.layer.1", "block", 1.0).delta_loss) + 1e-3
+    # removing a layer saves its fixed cost plus all its heads and neurons
+    assert free.saved_ms == pytest.approx(LAYER_MS + 4 * HEAD_MS + 128 * NEURON_MS)
+    assert report.layers["bert.encoder.layer.2.attention"] == "bert.encoder.layer.2"
+    order = greedy_moves(report)
+    assert order[0] == Move("bert.encoder.layer.2", "block", 1.0)
+    assert not any(m.block.startswith("bert.encoder.layer.2.") for m in order)  # its units retired with it
+    work = copy.deepcopy(model)
+    apply_moves(work, order)
+    assert fake_latency_depth(work) < fake_latency(model)  # below the width-only floor's fixed part
+
+
+def test_budget_callback_with_depth_reaches_a_target_below_the_width_only_floor(tmp_path: Path) -> None:
+    module = HFModule(model=tiny_bert(layers=3))
+    dense = fake_latency_depth(module.model)
+    width_floor = copy.deepcopy(module.model)
+    apply_moves(width_floor, [Move(b, k, 0.75) for b, k in prunable_units(width_floor)])
+    target = 0.8 * fake_latency_depth(width_floor)
+    with pytest.raises(MisconfigurationException, match=r"below what pruning can reach.*pass depth=True"):
+        _run(tmp_path / "w", HFModule(model=tiny_bert(layers=3)),
+             [LatencyBudgetPruning(target_ms=target, latency_fn=fake_latency_depth, start_step=1)], max_steps=2)
+    budget = LatencyBudgetPruning(target_ms=target, latency_fn=fake_latency_depth, start_step=2, every_n_steps=2,
+                                  steps=3, calibration_batches=2, depth=True)
+    trainer = _run(tmp_path / "d", module, [budget], max_steps=10)
+    assert budget.measured_ms is not None and budget.measured_ms <= target < dense
+    assert any(m.kind == "block" for m in budget.allocation)
+    rows = read_csv_metrics(trainer)
+    assert any(float(r.get("budget/layers_removed") or 0) >= 1 for r in rows)
+    module.model(**_batches(1)[0])  # still runs after the last structural step
+
+
+def test_resume_with_depth_gives_the_same_allocation_and_weights(tmp_path: Path) -> None:
+    def only_layers_0_and_1_matter(model: nn.Module, batch: Any) -> torch.Tensor:
+        """A loss that rises with every head / neuron gone from layers 0 and 1; layer 2 is free to remove."""
+        kept = sum(v.get("heads", 0) + v.get("neurons", 0) / 32 for name, v in structure(model).items()
+                   if ".layer.2" not in name)
+        return torch.tensor(100.0 - kept)
+
+    def callbacks(folder: Path) -> list:
+        budget = LatencyBudgetPruning(target_ms=0.3 * fake_latency_depth(tiny_bert(layers=3)),
+                                      latency_fn=fake_latency_depth, loss_fn=only_layers_0_and_1_matter,
+                                      start_step=2, every_n_steps=2, steps=3, calibration_batches=2, depth=True)
+        return [budget, pl.callbacks.ModelCheckpoint(dirpath=folder, every_n_epochs=1, save_top_k=-1,
+                                                     save_on_train_epoch_end=True)]
+
+    full, full_callbacks = HFModule(model=tiny_bert(layers=3)), callbacks(tmp_path / "ckpt")
+    _run(tmp_path / "a", full, full_callbacks, max_steps=8, enable_checkpointing=True)
+    # layer 2 costs nothing, and removing it whole saves the most: it goes first, so the checkpoint below (after
+    # two pruning steps) holds no weights for it
+    assert full_callbacks[0].allocation[0] == Move("model.bert.encoder.layer.2", "block", 1.0)
+    checkpoint = tmp_path / "ckpt" / "epoch=0-step=4.ckpt"
+    saved = torch.load(checkpoint, map_location="cpu", weights_only=False)["state_dict"]
+    assert saved and not any(k.startswith("model.bert.encoder.layer.2.") for k in saved)
+    resumed, resumed_callbacks = HFModule(model=tiny_bert(layers=3)), callbacks(tmp_path / "ckpt_b")
+    _run(tmp_path / "b", resumed, resumed_callbacks, ckpt_path=str(checkpoint), max_steps=8,
+         enable_checkpointing=True)
+    assert resumed_callbacks[0].allocation == full_callbacks[0].allocation
+    assert structure(resumed) == structure(full)
+    for key, value in full.state_dict().items():
+        torch.testing.assert_close(resumed.state_dict()[key], value, rtol=1e-5, atol=1e-6, msg=key)

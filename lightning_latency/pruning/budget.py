@@ -24,6 +24,7 @@ import torch
 from torch import nn
 
 from lightning_latency.pruning.config import PruningConfig
+from lightning_latency.pruning.depth import find_layers, layer_of, removable_layers, skip_layer
 from lightning_latency.pruning.structured import (
     _head_scores,
     _importance,
@@ -36,14 +37,17 @@ from lightning_latency.pruning.structured import (
     update_hf_config,
 )
 
-Kind = Literal["heads", "neurons"]
+Kind = Literal["heads", "neurons", "block"]
 LossFn = Callable[[nn.Module, Any], torch.Tensor]
 LatencyFn = Callable[[nn.Module], float]
 
 
 @dataclass(frozen=True)
 class Move:
-    """Shrink ``kind`` of block ``block`` so that ``fraction`` of its ORIGINAL units are removed."""
+    """Shrink ``kind`` of block ``block`` so that ``fraction`` of its ORIGINAL units are removed.
+
+    ``kind="block"`` removes the whole layer ``block`` (depth pruning, :mod:`.depth`); its ``fraction`` is 1.
+    """
 
     block: str
     kind: Kind
@@ -69,6 +73,7 @@ class SensitivityReport:
     base_loss: float
     base_ms: float | None
     rows: list[SensitivityRow] = field(default_factory=list)
+    layers: dict[str, str] = field(default_factory=dict)  # heads / neurons block -> its layer (with depth rows)
 
     def row(self, block: str, kind: Kind, fraction: float) -> SensitivityRow:
         for r in self.rows:
@@ -112,8 +117,11 @@ def _blocks(model: nn.Module) -> tuple[dict[str, Any], dict[str, Any]]:
     return {a.name: a for a in attns}, {m.name: m for m in mlps}
 
 
-def prunable_units(model: nn.Module) -> dict[tuple[str, Kind], int]:
-    """``{(block, kind): original count}`` of every unit budget pruning can shrink (GQA: query heads per group)."""
+def prunable_units(model: nn.Module, depth: bool = False) -> dict[tuple[str, Kind], int]:
+    """``{(block, kind): original count}`` of every unit budget pruning can shrink (GQA: query heads per group).
+
+    ``depth``: every removable layer too, as ``(layer, "block"): 1`` (all but the first of each stack).
+    """
     original = original_structure(model)
     attns, mlps = _blocks(model)
     if not attns and not mlps:
@@ -127,6 +135,8 @@ def prunable_units(model: nn.Module) -> dict[tuple[str, Kind], int]:
         units[(name, "heads")] = o["heads"] if o["kv_heads"] == o["heads"] else o["heads"] // o["kv_heads"]
     for name, m in mlps.items():
         units[(name, "neurons")] = original.get(name, {}).get("neurons", m.num_neurons)
+    if depth:
+        units.update({(name, "block"): 1 for name in removable_layers(model)})
     return units
 
 
@@ -148,18 +158,29 @@ def _keep(original: int, fraction: float) -> int:
 
 @torch.no_grad()
 def apply_moves(model: nn.Module, moves: Iterable[Move], importance: str = "l2") -> dict[tuple[str, Kind], int]:
-    """Shrink each move's unit to its fraction of the ORIGINAL count (never grows a unit back).
+    """Shrink each move's unit to its fraction of the ORIGINAL count (never grows a unit back); a ``"block"``
+    move removes its layer (:func:`~lightning_latency.pruning.depth.skip_layer`), after which moves on that layer's
+    heads or neurons do nothing.
 
     Units are ranked by ``importance`` (``"l1"``/``"l2"`` weight norms, as in :class:`PruningConfig`). Returns
     ``{(block, kind): units kept}`` for the units touched.
     """
     imp = _importance(PruningConfig(mode="structured", importance=importance))
-    units = prunable_units(model)
+    units = prunable_units(model, depth=True)
     original = original_structure(model)
     attns, mlps = _blocks(model)
+    layers, removed = find_layers(model), set()
     kept: dict[tuple[str, Kind], int] = {}
     for move in moves:
         key = (move.block, move.kind)
+        if move.kind == "block" and move.block in layers and layers[move.block][1] > 0:
+            skip_layer(model, move.block)  # False (nothing to do) when it went earlier
+            removed.add(move.block)
+            kept[key] = 0
+            continue
+        if layer_of(move.block, layers) in removed:
+            kept[key] = 0  # its layer went earlier in this call
+            continue
         if key not in units:
             raise ValueError(f"`moves` names {move.block!r} {move.kind}, which is not a prunable unit of "
                              f"{type(model).__name__}. Units: {sorted(units)[:6]}…")
@@ -215,6 +236,7 @@ def layer_sensitivity(
     latency_fn: LatencyFn | None = None,
     max_fraction: float = 0.75,
     importance: str = "l2",
+    depth: bool = False,
 ) -> SensitivityReport:
     """Loss and latency of ``model`` with each unit alone shrunk by each fraction (on deep copies).
 
@@ -227,6 +249,8 @@ def layer_sensitivity(
         latency_fn: ``latency_fn(model) -> ms`` measured on the deployment form; None reports loss only.
         max_fraction: the most of any unit that may be removed.
         importance: which units go first inside a layer: ``"l1"`` or ``"l2"`` weight norm.
+        depth: also remove each layer whole (one row per layer, ``kind="block"``, fraction 1; the first layer of
+            a stack stays): at batch 1 a layer's fixed cost is often most of its time, which only depth removes.
 
     Returns:
         A :class:`SensitivityReport` (``.format()`` for a table, ``.plot(path)`` for a chart).
@@ -246,12 +270,15 @@ def layer_sensitivity(
     was_training = model.training
     model.eval()
     try:
-        units = prunable_units(model)
+        units = prunable_units(model, depth)
         base_loss = _mean_loss(model, loss_fn, calibration)
         base_ms = float(latency_fn(model)) if latency_fn is not None else None
         report = SensitivityReport(base_loss=base_loss, base_ms=base_ms)
+        if depth:
+            layers = find_layers(model)
+            report.layers = {b: layer for b, k in units if k != "block" and (layer := layer_of(b, layers))}
         for (block, kind), count in units.items():
-            for f in fractions:
+            for f in ([1.0] if kind == "block" else fractions):
                 work = copy.deepcopy(model)
                 apply_moves(work, [Move(block, kind, f)], importance)
                 loss = _mean_loss(work, loss_fn, calibration)
@@ -274,21 +301,31 @@ def _greedy(report: SensitivityReport) -> Iterator[tuple[Move, float]]:
 
     Each unit moves up its fractions one level at a time; a move's price is the extra loss divided by the extra
     time it saves (moves that save nothing are never taken). Ties go to the bigger saving, then by block name, so
-    every rank and every resume gets the same order.
+    every rank and every resume gets the same order. A layer's ``"block"`` move (depth rows) is priced net of what
+    its heads and neurons already took, and retires them.
     """
     levels = {u: [r for r in report.rows if (r.block, r.kind) == u] for u in report.units()}
     for rows in levels.values():
         rows.sort(key=lambda r: r.fraction)
     position = {u: -1 for u in levels}
+    taken: dict[str, tuple[float, float]] = {}  # layer -> (ms saved, loss added) by its heads / neurons moves
+    retired: set[str] = set()  # layers removed whole
     predicted = report.base_ms or 0.0
+
+    def open_levels(u: tuple[str, str]) -> bool:
+        layer = u[0] if u[1] == "block" else report.layers.get(u[0])
+        return layer not in retired
+
     while True:
         best: tuple[float, float, str, str, SensitivityRow] | None = None
         for u, rows in levels.items():
             i = position[u] + 1
-            if i >= len(rows):
+            if i >= len(rows) or not open_levels(u):
                 continue
             prev_loss = rows[i - 1].delta_loss if i > 0 else 0.0
             prev_saved = rows[i - 1].saved_ms if i > 0 else 0.0
+            if u[1] == "block":
+                prev_saved, prev_loss = taken.get(u[0], (0.0, 0.0))
             gain = (rows[i].saved_ms or 0.0) - (prev_saved or 0.0)
             if gain <= 0:
                 continue
@@ -300,13 +337,19 @@ def _greedy(report: SensitivityReport) -> Iterator[tuple[Move, float]]:
             # Levels whose measured saving was not positive (noise, or a unit too small to show alone) come last,
             # lowest fraction first: the prediction says nothing of them, but together they still shrink the model
             # (all of them: every unit at its largest fraction, the floor the callback checks in setup).
-            rest = [r for u, rows in levels.items() for r in rows[position[u] + 1:]]
+            rest = [r for u, rows in levels.items() if open_levels(u) for r in rows[position[u] + 1:]]
             for r in sorted(rest, key=lambda r: (r.fraction, r.delta_loss, r.block, r.kind)):
                 yield Move(r.block, r.kind, r.fraction), predicted  # type: ignore[arg-type]
             return
         _, minus_gain, block, kind, row = best
         position[(block, kind)] += 1
         predicted += minus_gain
+        if kind == "block":
+            retired.add(block)
+        elif (layer := report.layers.get(block)) is not None:
+            saved, loss = taken.get(layer, (0.0, 0.0))
+            previous = levels[(block, kind)][position[(block, kind)] - 1] if position[(block, kind)] > 0 else None
+            taken[layer] = (saved - minus_gain, loss + row.delta_loss - (previous.delta_loss if previous else 0.0))
         yield Move(block, kind, row.fraction), predicted  # type: ignore[arg-type]
 
 

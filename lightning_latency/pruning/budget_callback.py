@@ -24,7 +24,7 @@ def _p50_latency_fn(example_inputs: Any) -> LatencyFn:
 
 
 class LatencyBudgetPruning(CompressionCallback):
-    """Remove heads and MLP neurons, cheapest loss per saved millisecond first, until ``latency_fn`` meets a target.
+    """Remove heads, MLP neurons (and layers), cheapest loss per saved ms first, until ``latency_fn`` meets a target.
 
     At step ``start_step`` it measures :func:`~lightning_latency.pruning.layer_sensitivity` on the first
     ``calibration_batches`` training batches and plans the removals (:func:`plan_budget`). It then carries the plan
@@ -48,6 +48,9 @@ class LatencyBudgetPruning(CompressionCallback):
             (:func:`~lightning_latency.latency.deployed_latency_fn`: ``"ort_int8"``, ``"ort"``, ``"x86"``, ...): the
             budget is then met by the model as it ships. Forms that build in seconds (the ONNX Runtime ones) suit
             the sensitivity pass, which deploys one copy per unit and fraction.
+        depth: also remove whole layers (depth pruning; every layer but the first of each stack may go), priced
+            by the same loss per saved millisecond. At batch 1 a layer's fixed cost is much of its time, and only
+            depth removes it: the reachable floor is far lower.
         start, frequency: deprecated names of ``start_step``, ``every_n_steps``.
 
     Raises:
@@ -77,6 +80,7 @@ class LatencyBudgetPruning(CompressionCallback):
         max_fraction: float = 0.75,
         model_attr: str | None = None,
         deploy_backend: str | None = None,
+        depth: bool = False,
         start: int | None = None,
         frequency: int | None = None,
     ) -> None:
@@ -98,12 +102,14 @@ class LatencyBudgetPruning(CompressionCallback):
                              "`latency_fn(model) -> ms`; got neither.")
         if latency_fn is not None and not callable(latency_fn):
             raise ValueError(f"`latency_fn` must be callable as latency_fn(model) -> ms, got {latency_fn!r}.")
+        if not isinstance(depth, bool):
+            raise ValueError(f"`depth` must be True or False, got {depth!r}.")
         for name, value, low in (("start_step", start_step, 0), ("every_n_steps", every_n_steps, 1),
                                  ("steps", steps, 1), ("calibration_batches", calibration_batches, 1)):
             if isinstance(value, bool) or not isinstance(value, int) or value < low:
                 raise ValueError(f"`{name}` must be an int >= {low}, got {value!r}.")
         self.pruner = BudgetPruner(target_ms, latency_fn or _p50_latency_fn(example_inputs), loss_fn, start_step,
-                                   every_n_steps, steps, calibration_batches, fractions, max_fraction)
+                                   every_n_steps, steps, calibration_batches, fractions, max_fraction, depth)
         self.core = self.pruner  # checkpoints hold its state_dict (see CompressionCallback.core)
 
     @property

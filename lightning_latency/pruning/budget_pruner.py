@@ -29,6 +29,7 @@ from lightning_latency.pruning.budget import (
     prunable_units,
     unit_counts,
 )
+from lightning_latency.pruning.depth import skipped_layers
 from lightning_latency.pruning.structured import original_structure, set_original_structure
 
 Broadcast = Callable[[Any], Any]
@@ -57,12 +58,15 @@ class BudgetPruner:
         start_step, every_n_steps, steps: first pruning step, steps between pruning steps, number of them.
         calibration_batches: batches kept (detached, on CPU) for the sensitivity pass.
         fractions, max_fraction: removal fractions tried per unit; the most of any layer that may go.
+        depth: also remove whole layers (all but the first of each stack), priced like any other removal.
     """
 
     def __init__(self, target_ms: float, latency_fn: LatencyFn, loss_fn: LossFn | None = None, start_step: int = 0,
                  every_n_steps: int = 10, steps: int = 4, calibration_batches: int = 4,
-                 fractions: Sequence[float] = (0.25, 0.5, 0.75), max_fraction: float = 0.75) -> None:
+                 fractions: Sequence[float] = (0.25, 0.5, 0.75), max_fraction: float = 0.75,
+                 depth: bool = False) -> None:
         self.target_ms, self.latency_fn, self.loss_fn = float(target_ms), latency_fn, loss_fn or _hf_loss
+        self.depth = bool(depth)
         self.start_step, self.every_n_steps, self.steps = start_step, every_n_steps, steps
         self.calibration_batches, self.max_fraction = calibration_batches, max_fraction
         self.fractions = check_fractions(fractions, max_fraction)
@@ -88,18 +92,20 @@ class BudgetPruner:
     def check(self, model: nn.Module, measure_floor: bool = True) -> None:
         """Raise ValueError for a model with nothing to prune or (``measure_floor``, before a plan exists) a target
         below what every allowed removal reaches."""
-        units = prunable_units(model)
+        units = prunable_units(model, self.depth)
         original_structure(model)
         if self.plan or not measure_floor:
             return  # resumed: the floor was checked on the first run
         floor_model = copy.deepcopy(model)
-        apply_moves(floor_model, [Move(b, k, self.max_fraction) for b, k in units])
+        apply_moves(floor_model, [Move(b, k, 1.0 if k == "block" else self.max_fraction) for b, k in units])
         floor = min(float(self.latency_fn(floor_model)) for _ in range(3))  # optimistic: refuse only the impossible
         if floor > self.target_ms:
+            what = "every layer but the first removed" if self.depth else \
+                f"`max_fraction`={self.max_fraction:g} of every layer's heads and neurons removed"
+            fix = "quantize as well" if self.depth else "raise max_fraction, pass depth=True, or quantize as well"
             raise ValueError(
-                f"`target_ms`={self.target_ms:g} is below what pruning can reach: with `max_fraction`="
-                f"{self.max_fraction:g} of every layer's heads and neurons removed the model measures {floor:.3f} "
-                f"ms. Pass target_ms >= {floor:.3f}, raise max_fraction, or quantize as well.")
+                f"`target_ms`={self.target_ms:g} is below what pruning can reach: with {what} the model measures "
+                f"{floor:.3f} ms. Pass target_ms >= {floor:.3f}, {fix}.")
 
     def restore(self, model: nn.Module) -> None:
         if self.original:
@@ -161,13 +167,15 @@ class BudgetPruner:
         out = {"budget/target_ms": self.target_ms, "budget/measured_ms": measured,
                "budget/removals": float(self.applied)}
         out.update({f"budget/{block}/{kind}": float(kept) for (block, kind), kept in unit_counts(model).items()})
+        if self.depth:
+            out["budget/layers_removed"] = float(len(skipped_layers(model)))
         return out
 
     def _make_plan(self, model: nn.Module, broadcast: Broadcast | None, info: Say, warn: Say) -> None:
         device = _device(model)
         batches = [move_to(b, device) for b in self.calibration] if device is not None else self.calibration
         self.report = layer_sensitivity(model, self.loss_fn, batches, self.fractions, self.latency_fn,
-                                        self.max_fraction)
+                                        self.max_fraction, depth=self.depth)
         order = greedy_moves(self.report)
         try:
             planned = len(plan_budget(self.report, self.target_ms))

@@ -452,16 +452,18 @@ def update_hf_config(model: nn.Module) -> None:
 
 
 def reshape_to_state_dict(model: nn.Module, state_dict: dict[str, torch.Tensor], prefix: str = "") -> bool:
-    """Shrink ``model``'s heads/MLP widths so its shapes match ``state_dict`` (values are left to the load).
+    """Shrink ``model``'s heads/MLP widths (and skip removed layers) so its shapes match ``state_dict``.
 
     Used before ``load_state_dict`` when resuming a structurally pruned checkpoint into a freshly built model,
     and by :func:`load_pruned`. Returns True if anything changed.
     """
     if not any(k.startswith(prefix) for k in state_dict):
         return False
-    names = {id(m): n for n, m in model.named_modules()}
-    changed = False
+    from lightning_latency.pruning.depth import restore_skips  # depth builds on this module
+
     original_structure(model)  # record the fresh shapes as the original ones before shrinking
+    changed = restore_skips(model, state_dict, prefix)  # layers the checkpoint has no weights for were removed
+    names = {id(m): n for n, m in model.named_modules()}
     conv = _has_conv1d(model)
     attns, mlps = find_blocks(model, convert=False) if not conv else ([], [])
     if conv:  # GPT-2: convert only if the checkpoint holds converted (nn.Linear-layout) weights

@@ -1,0 +1,108 @@
+"""Depth pruning: remove whole transformer layers, keeping the name of every other layer.
+
+Removing a layer cuts its weights *and* its fixed per-layer cost (norms, residual adds, kernel launches, Python per
+module), which a narrower layer keeps: at batch 1 the fixed cost is much of the time, so width pruning alone has a
+floor that depth pruning goes below. A removed layer is replaced in its ``nn.ModuleList`` by :class:`SkippedLayer`,
+which hands its input hidden states on unchanged (the residual stream without that layer's updates). The list keeps
+its length, so every other layer keeps its name: plans, checkpoints and logs that name layers stay valid, and a
+checkpoint whose state dict has no weights for a layer is loaded by skipping that layer first
+(:func:`restore_skips`, called by ``reshape_to_state_dict`` and so by resume and ``load_pruned``).
+
+The first layer of a stack is never removed: a decoder's KV cache reads the sequence length from layer 0.
+The Hugging Face config keeps ``num_hidden_layers``; the skipped layers hold no weights and no KV entries.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+from lightning_latency.pruning.structured import find_blocks
+
+
+class SkippedLayer(nn.Module):
+    """A removed transformer layer: returns the hidden states it is given (first argument) unchanged."""
+
+    def __init__(self, was: str = "") -> None:
+        super().__init__()
+        self.was = was
+
+    def forward(self, hidden_states: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        return hidden_states
+
+    def extra_repr(self) -> str:
+        return f"was={self.was}" if self.was else ""
+
+
+def find_layers(model: nn.Module) -> dict[str, tuple[nn.ModuleList, int]]:
+    """``{layer name: (its ModuleList, index)}`` for every layer holding an attention or MLP block, skipped ones
+    included, in order. Only the outermost stack counts (a layer's own lists, e.g. MoE experts, are not layers)."""
+    attns, mlps = find_blocks(model, convert=False)
+    blocks = [b.name for b in attns] + [m.name for m in mlps]
+    layers: dict[str, tuple[nn.ModuleList, int]] = {}
+    for name, module in model.named_modules():
+        if not isinstance(module, nn.ModuleList) or any(name.startswith(f"{layer}.") for layer in layers):
+            continue
+        for i, child in enumerate(module):
+            child_name = f"{name}.{i}" if name else str(i)
+            if isinstance(child, SkippedLayer) or any(b == child_name or b.startswith(f"{child_name}.")
+                                                       for b in blocks):
+                layers[child_name] = (module, i)
+    return layers
+
+
+def layer_of(block: str, layers: dict[str, Any]) -> str | None:
+    """The layer holding block ``block`` (a name from ``find_blocks``), or None."""
+    found = [name for name in layers if block == name or block.startswith(f"{name}.")]
+    return max(found, key=len) if found else None
+
+
+def removable_layers(model: nn.Module) -> list[str]:
+    """Layers that may be removed: present (not skipped yet) and not the first of their stack."""
+    return [name for name, (stack, i) in find_layers(model).items()
+            if i > 0 and not isinstance(stack[i], SkippedLayer)]
+
+
+def skipped_layers(model: nn.Module) -> list[str]:
+    return [name for name, (stack, i) in find_layers(model).items() if isinstance(stack[i], SkippedLayer)]
+
+
+def skip_layer(model: nn.Module, name: str) -> bool:
+    """Replace layer ``name`` by a :class:`SkippedLayer`; False if it was skipped already.
+
+    Raises:
+        ValueError: ``name`` is not a layer of ``model``, or is the first of its stack.
+    """
+    layers = find_layers(model)
+    if name not in layers:
+        raise ValueError(f"`{name}` is not a transformer layer of {type(model).__name__}; layers: "
+                         f"{list(layers)[:4]}…")
+    stack, i = layers[name]
+    if isinstance(stack[i], SkippedLayer):
+        return False
+    if i == 0:
+        raise ValueError(f"`{name}` is the first layer of its stack, which is never removed (a decoder's KV cache "
+                         "reads the sequence length from it).")
+    stack[i] = SkippedLayer(type(stack[i]).__name__)
+    return True
+
+
+def restore_skips(model: nn.Module, state_dict: dict[str, Any], prefix: str = "") -> bool:
+    """Skip every layer of ``model`` that has weights while ``state_dict`` has none for it (a depth-pruned
+    checkpoint loaded into a freshly built model). Returns True if anything changed."""
+    if not any(k.startswith(prefix) for k in state_dict):
+        return False
+    changed = False
+    for name, (stack, i) in find_layers(model).items():
+        if isinstance(stack[i], SkippedLayer) or not any(True for _ in stack[i].parameters()):
+            continue
+        if not any(k.startswith(f"{prefix}{name}.") for k in state_dict):
+            stack[i] = SkippedLayer(type(stack[i]).__name__)
+            changed = True
+    return changed
+
+
+__all__ = ["SkippedLayer", "find_layers", "layer_of", "removable_layers", "restore_skips", "skip_layer",
+           "skipped_layers"]

@@ -1,0 +1,102 @@
+"""Depth pruning: whole layers removed, every other layer keeping its name, through save/load and resume."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from helpers import VOCAB, tiny_bert, tiny_gpt2, tiny_llama
+
+from lightning_latency.pruning import load_pruned, save_pruned
+from lightning_latency.pruning.depth import (
+    SkippedLayer,
+    find_layers,
+    removable_layers,
+    restore_skips,
+    skip_layer,
+    skipped_layers,
+)
+from lightning_latency.pruning.structured import reshape_to_state_dict, structure
+
+
+def _ids(seq: int = 12) -> torch.Tensor:
+    return torch.randint(0, VOCAB, (2, seq), generator=torch.Generator().manual_seed(0))
+
+
+@pytest.mark.parametrize("build", [lambda: tiny_bert(layers=3), lambda: tiny_llama(layers=3),
+                                   lambda: tiny_gpt2(layers=3)], ids=["bert", "llama", "gpt2"])
+def test_skip_layer_removes_its_weights_keeps_other_names_and_runs(build) -> None:
+    model = build().eval()
+    layers = list(find_layers(model))
+    assert len(layers) == 3 and removable_layers(model) == layers[1:]
+    params = sum(p.numel() for p in model.parameters())
+    blocks_before = set(structure(model))
+    assert skip_layer(model, layers[1]) and not skip_layer(model, layers[1])  # the second call: already skipped
+    assert skipped_layers(model) == [layers[1]] and list(find_layers(model)) == layers
+    assert sum(p.numel() for p in model.parameters()) < params
+    kept = {b for b in blocks_before if not (b == layers[1] or b.startswith(layers[1] + "."))}
+    assert set(structure(model)) == kept  # the other layers' blocks keep their names
+    with torch.no_grad():
+        out = model(input_ids=_ids()).logits
+    assert out.shape[:2] == (2, 12) or out.shape[0] == 2
+    assert torch.isfinite(out).all()
+
+
+def test_skipped_layer_is_the_identity_on_the_residual_stream() -> None:
+    """A layer whose updates are zero changes nothing when skipped: the outputs are identical."""
+    model = tiny_bert(layers=3).eval()
+    with torch.no_grad():
+        model.bert.encoder.layer[2].attention.output.dense.weight.zero_()
+        model.bert.encoder.layer[2].attention.output.dense.bias.zero_()
+    model.bert.encoder.layer[2].attention.output.LayerNorm = torch.nn.Identity()
+    model.bert.encoder.layer[2].output = _ZeroUpdate()
+    ids = _ids()
+    with torch.no_grad():
+        before = model(input_ids=ids).logits
+        skip_layer(model, "bert.encoder.layer.2")
+        after = model(input_ids=ids).logits
+    torch.testing.assert_close(after, before)
+
+
+class _ZeroUpdate(torch.nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.dense = torch.nn.Linear(128, 64)
+
+    def forward(self, hidden_states: torch.Tensor, input_tensor: torch.Tensor) -> torch.Tensor:
+        return input_tensor
+
+
+def test_the_first_layer_and_unknown_names_are_refused() -> None:
+    model = tiny_llama(layers=2)
+    with pytest.raises(ValueError, match=r"`model.layers.0` is the first layer of its stack"):
+        skip_layer(model, "model.layers.0")
+    with pytest.raises(ValueError, match=r"`model.layers.9` is not a transformer layer of LlamaForCausalLM"):
+        skip_layer(model, "model.layers.9")
+
+
+def test_depth_pruned_llama_generates_and_round_trips_save_load(tmp_path: Path) -> None:
+    model = tiny_llama(layers=3).eval()
+    skip_layer(model, "model.layers.1")
+    prompt = _ids(8)[:1]
+    with torch.no_grad():
+        tokens = model.generate(prompt, max_new_tokens=6, do_sample=False)
+        logits = model(input_ids=prompt).logits
+    assert tokens.shape == (1, 14)
+    loaded = load_pruned(save_pruned(model, tmp_path / "pruned")).eval()
+    assert skipped_layers(loaded) == ["model.layers.1"]
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(input_ids=prompt).logits, logits)
+        assert torch.equal(loaded.generate(prompt, max_new_tokens=6, do_sample=False), tokens)
+
+
+def test_a_depth_pruned_state_dict_loads_into_a_fresh_model() -> None:
+    pruned = tiny_bert(layers=3)
+    skip_layer(pruned, "bert.encoder.layer.1")
+    state = pruned.state_dict()
+    fresh = tiny_bert(layers=3)
+    assert not restore_skips(fresh, {})  # nothing to compare against: nothing changes
+    assert reshape_to_state_dict(fresh, state)
+    fresh.load_state_dict(state, strict=True)
+    assert isinstance(fresh.bert.encoder.layer[1], SkippedLayer)
