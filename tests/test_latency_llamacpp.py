@@ -108,6 +108,31 @@ def test_an_unloadable_runtime_is_an_error_that_says_why(tmp_path) -> None:
         LlamaCppRunner(path)
 
 
+def test_when_neither_binding_loads_the_reason_names_both(monkeypatch, tmp_path) -> None:
+    from lightning_latency.latency import _llamacpp_lib
+
+    def missing() -> None:
+        raise ImportError("no module named 'llama_cpp_py_sync'")
+
+    def unloadable() -> None:
+        raise OSError("undefined symbol: __cxa_call_terminate")
+
+    monkeypatch.setattr(_llamacpp_lib, "_load_py_sync", missing)
+    monkeypatch.setattr(_llamacpp_lib, "_load_cffi_cpu", unloadable)
+    _llamacpp_lib._load.cache_clear()
+    try:
+        reason = llamacpp_unavailable()
+        assert reason is not None
+        assert "llama-cpp-py-sync: not installed" in reason and "llama_cpp_py_sync" in reason
+        assert "llama-cpp-cffi: its library does not load here: undefined symbol: __cxa_call_terminate" in reason
+        with pytest.raises(RuntimeError, match="llama-cpp-py-sync.*llama-cpp-cffi"):
+            LlamaCppRunner(export_gguf(untied_llama(), tmp_path / "m.gguf", qtype="F32"))
+    finally:
+        monkeypatch.undo()
+        _llamacpp_lib._load.cache_clear()
+    assert llamacpp_unavailable() == REASON  # the real loaders again
+
+
 @needs_llamacpp
 @pytest.mark.real_weights
 def test_smollm2_f32_export_runs_in_llama_cpp_like_hf(tmp_path) -> None:

@@ -95,7 +95,7 @@ def _load() -> LlamaCppLib | str:
         else:
             _quiet_log(found)
             return found
-    return (f"llama.cpp is unavailable: llama-cpp-py-sync {reasons[0]}; llama-cpp-cffi {reasons[1]}. "
+    return (f"llama.cpp is unavailable: llama-cpp-py-sync: {reasons[0]}; llama-cpp-cffi: {reasons[1]}. "
             "Install one: pip install 'lightning-latency[llamacpp]' (py-sync needs glibc >= 2.38), or "
             "pip install --no-deps llama-cpp-cffi==0.4.42 (glibc >= 2.34, x86-64 with AVX2).")
 
