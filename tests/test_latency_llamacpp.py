@@ -92,6 +92,17 @@ def test_measure_and_perplexity_through_the_runtime(tmp_path) -> None:
     assert 1.0 < ppl < 1e4  # a random model: near the vocabulary size, finite
 
 
+@needs_llamacpp
+def test_llama_cpp_log_keeps_warnings_and_drops_info(tmp_path, capfd) -> None:
+    path = export_gguf(untied_llama(), tmp_path / "m.gguf", qtype="F32")
+    capfd.readouterr()
+    with LlamaCppRunner(path, LlamaCppConfig(n_threads=1, n_ctx=64)):  # n_ctx below the trained 256: a warning
+        pass
+    err = capfd.readouterr().err
+    assert "n_ctx_per_seq (64) < n_ctx_train" in err  # WARN passes
+    assert "llama_model_loader" not in err and "print_info" not in err  # INFO (~100 lines a load) does not
+
+
 def test_bad_inputs_name_the_argument(tmp_path) -> None:
     with pytest.raises(ValueError, match="`path` must be an existing GGUF file"):
         LlamaCppRunner(tmp_path / "missing.gguf")

@@ -9,9 +9,11 @@ Two PyPI wheels ship llama.cpp for CPU with CFFI bindings; they differ in the ll
   libstdc++ symbol older GCCs lack, ``__cxa_call_terminate`` (GCC 14). It is loaded with ``RTLD_LAZY``, so that
   function is bound on first call instead of at load. That is safe: GCC emits calls to it only on the path where an
   exception leaves a ``noexcept`` function, i.e. on the way to ``std::terminate``; there the unresolved symbol makes
-  the dynamic linker end the process instead, the same outcome. Every other symbol resolves at load (checked: the
-  library reports no other missing symbol on this glibc 2.36 / GCC 12 system). The file is loaded directly,
-  without running ``llama/__init__.py`` (which pulls in transformers, Jinja and its CUDA/Vulkan loader logic).
+  the dynamic linker end the process instead, the same outcome. Every other symbol resolves at load on glibc 2.36
+  / GCC 12 (checked against the system libraries' exports; the one other name libstdc++ 12 lacks,
+  ``std::ios_base_library_init()`` of GCC 13, is a marker ``<iostream>`` emits with no relocation using it, and
+  the library uses no standard stream). ``LD_BIND_NOW=1`` defeats this: then it does not load. The file is loaded
+  directly, without running ``llama/__init__.py`` (which pulls in transformers, Jinja and its CUDA/Vulkan loader).
   The wheel's declared dependencies (transformers<5, huggingface-hub<0.29, protobuf<6, ...) belong to that
   ``__init__``, not to the extension, so it is installed with ``--no-deps``.
 
@@ -122,6 +124,8 @@ def _load_cffi_cpu() -> LlamaCppLib:
     try:
         module = importlib.util.module_from_spec(ext)
         ext.loader.exec_module(module)
+    except ImportError as exc:  # installed, but the dynamic linker refused it (a missing symbol or glibc version)
+        raise RuntimeError(str(exc)) from exc
     finally:
         sys.setdlopenflags(flags)
     return LlamaCppLib(module.lib, module.ffi, f"llama-cpp-cffi {version} (CPU extension)")

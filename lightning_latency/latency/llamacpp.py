@@ -1,13 +1,18 @@
 """Run and time a GGUF file in llama.cpp: greedy decode (TTFT, TPOT, tokens/s) and logits for perplexity.
 
-The runtime is the prebuilt llama.cpp of ``llama-cpp-py-sync`` (PyPI, CFFI bindings; the ``llamacpp`` extra), used
-through its C API directly rather than its ``Llama`` class for two reasons: that class always creates its context
-with ``embeddings=True`` (extra work on every decode, unfair to llama.cpp in a speed comparison), and it requests
-logits for the last prompt token only (perplexity needs every position). Greedy decoding is an argmax over the
-logits in NumPy (~0.02 ms for 49k floats), the same for every file compared.
+The runtime is a prebuilt llama.cpp CPU build from PyPI with CFFI bindings, found by
+:mod:`~lightning_latency.latency._llamacpp_lib`: ``llama-cpp-py-sync==0.11739`` (the ``llamacpp`` extra; llama.cpp
+b11739, needs glibc >= 2.38) where it loads, else the CPU extension of ``llama-cpp-cffi==0.4.42`` (llama.cpp
+b4965, glibc >= 2.34; loaded with ``RTLD_LAZY`` past the one GCC 14 libstdc++ symbol it names, which is only
+called on the way to ``std::terminate``: that module's docstring says why this is safe). Both are AVX2 + FMA +
+F16C builds with no AVX-512 or VNNI kernels: on an AVX-512 machine they are not llama.cpp at its best.
+:func:`system_info` names the binding and the build's feature line; say it next to any timing.
 
-Its 0.11739 Linux wheel is tagged manylinux2014 but links glibc 2.38: on older systems (Debian 12, Ubuntu 22.04)
-the library does not load; :func:`llamacpp_unavailable` then says why and the tests skip with that reason.
+It is used through llama.cpp's C API directly rather than a binding's ``Llama`` class for two reasons: py-sync's
+class always creates its context with ``embeddings=True`` (extra work on every decode, unfair to llama.cpp in a
+speed comparison), and it requests logits for the last prompt token only (perplexity needs every position). Greedy
+decoding is an argmax over the logits in NumPy (~0.02 ms for 49k floats), the same for every file compared.
+Where neither binding loads, :func:`llamacpp_unavailable` says why for both and the tests skip with that reason.
 
 Timing follows :func:`~lightning_latency.latency.generation.measure_generation`: TTFT is the prompt's decode plus
 the first token, TPOT the mean of the following N - 1 single-token steps, medians over rounds; llama_decode on the
