@@ -147,6 +147,9 @@ def _quiet_log(found: LlamaCppLib) -> None:
             sys.stderr.write(ffi.string(text).decode("utf-8", "replace"))
 
     # The parameter's own type: `ggml_log_callback` is spelled differently in the two bindings' declarations.
-    callback = ffi.callback(ffi.typeof(found.lib.llama_log_set).args[0], keep_warnings)
+    try:
+        callback = ffi.callback(ffi.typeof(found.lib.llama_log_set).args[0], keep_warnings)
+    except MemoryError:  # cffi's closures need write+execute memory; a hardened kernel refuses: keep the full log
+        return
     _LOG_CALLBACKS.append(callback)
     found.lib.llama_log_set(callback, ffi.NULL)
