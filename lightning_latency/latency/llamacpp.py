@@ -1,13 +1,18 @@
 """Run and time a GGUF file in llama.cpp: greedy decode (TTFT, TPOT, tokens/s) and logits for perplexity.
 
-The runtime is the prebuilt llama.cpp of ``llama-cpp-py-sync`` (PyPI, CFFI bindings; the ``llamacpp`` extra), used
-through its C API directly rather than its ``Llama`` class for two reasons: that class always creates its context
-with ``embeddings=True`` (extra work on every decode, unfair to llama.cpp in a speed comparison), and it requests
-logits for the last prompt token only (perplexity needs every position). Greedy decoding is an argmax over the
-logits in NumPy (~0.02 ms for 49k floats), the same for every file compared.
+The runtime is a prebuilt llama.cpp CPU build from PyPI with CFFI bindings, found by
+:mod:`~lightning_latency.latency._llamacpp_lib`: ``llama-cpp-py-sync==0.11739`` (the ``llamacpp`` extra; llama.cpp
+b11739, needs glibc >= 2.38) where it loads, else the CPU extension of ``llama-cpp-cffi==0.4.42`` (llama.cpp
+b4965, glibc >= 2.34; loaded with ``RTLD_LAZY`` past the one GCC 14 libstdc++ symbol it names, which is only
+called on the way to ``std::terminate``: that module's docstring says why this is safe). Both are AVX2 + FMA +
+F16C builds with no AVX-512 or VNNI kernels: on an AVX-512 machine they are not llama.cpp at its best.
+:func:`system_info` names the binding and the build's feature line; say it next to any timing.
 
-Its 0.11739 Linux wheel is tagged manylinux2014 but links glibc 2.38: on older systems (Debian 12, Ubuntu 22.04)
-the library does not load; :func:`llamacpp_unavailable` then says why and the tests skip with that reason.
+It is used through llama.cpp's C API directly rather than a binding's ``Llama`` class for two reasons: py-sync's
+class always creates its context with ``embeddings=True`` (extra work on every decode, unfair to llama.cpp in a
+speed comparison), and it requests logits for the last prompt token only (perplexity needs every position). Greedy
+decoding is an argmax over the logits in NumPy (~0.02 ms for 49k floats), the same for every file compared.
+Where neither binding loads, :func:`llamacpp_unavailable` says why for both and the tests skip with that reason.
 
 Timing follows :func:`~lightning_latency.latency.generation.measure_generation`: TTFT is the prompt's decode plus
 the first token, TPOT the mean of the following N - 1 single-token steps, medians over rounds; llama_decode on the
@@ -24,35 +29,22 @@ from typing import Any
 
 import numpy as np
 
+from lightning_latency.latency import _llamacpp_lib
 from lightning_latency.latency.generation import GenerationReport
 from lightning_latency.latency.stats import summarize
 
 
 def llamacpp_unavailable() -> str | None:
-    """None when llama.cpp (``llama-cpp-py-sync``) loads here, else the reason (for a skip or an error message)."""
-    try:
-        from llama_cpp_py_sync._cffi_bindings import get_lib
-
-        get_lib()
-    except ImportError as exc:
-        return f"llama-cpp-py-sync is not installed ({exc}); pip install 'lightning-latency[llamacpp]'"
-    except (OSError, RuntimeError) as exc:
-        return f"llama-cpp-py-sync's llama.cpp library does not load here: {exc}"
-    return None
+    """None when llama.cpp loads here (through ``llama-cpp-py-sync`` or ``llama-cpp-cffi``), else the reason,
+    naming both packages (for a skip or an error message)."""
+    return _llamacpp_lib.unavailable()
 
 
 def system_info() -> str:
-    """llama.cpp's build and CPU feature line (``AVX2 = 1 | AVX512 = 0 | ...``): say it next to any timing."""
-    _require()
-    from llama_cpp_py_sync._cffi_bindings import get_ffi, get_lib
-
-    return get_ffi().string(get_lib().llama_print_system_info()).decode("utf-8")
-
-
-def _require() -> None:
-    reason = llamacpp_unavailable()
-    if reason is not None:
-        raise RuntimeError(reason)
+    """The binding and llama.cpp's CPU feature line (``llama-cpp-cffi 0.4.42 ...: CPU : AVX2 = 1 | ...``): say it
+    next to any timing."""
+    api = _llamacpp_lib.load()
+    return f"{api.binding}: {api.system_info().strip()}"
 
 
 @dataclass(frozen=True)
@@ -89,11 +81,9 @@ class LlamaCppRunner:
     def __init__(self, path: str | Path, config: LlamaCppConfig | None = None) -> None:
         if not Path(path).is_file():
             raise ValueError(f"`path` must be an existing GGUF file, got {str(path)!r}. Write one with export_gguf.")
-        _require()
-        from llama_cpp_py_sync._cffi_bindings import get_ffi, get_lib
-
         self.config = config or LlamaCppConfig()
-        self._lib, self._ffi = get_lib(), get_ffi()
+        self._api = _llamacpp_lib.load()
+        self._lib, self._ffi = self._api.lib, self._api.ffi
         self._lib.llama_backend_init()
         self._model = self._lib.llama_model_load_from_file(str(path).encode(), self._lib.llama_model_default_params())
         if self._model == self._ffi.NULL:
@@ -106,7 +96,7 @@ class LlamaCppRunner:
             params.type_k = params.type_v = 0  # GGML_TYPE_F32
             # The CPU flash-attention kernel rounds Q and the softmax weights to fp16 (3e-4 relative on logits,
             # measured); the reference mode takes the plain f32 attention path.
-            params.flash_attn_type = 0
+            self._api.disable_flash_attention(params)
         self._ctx = self._lib.llama_init_from_model(self._model, params)
         if self._ctx == self._ffi.NULL:
             self._lib.llama_model_free(self._model)
@@ -119,7 +109,17 @@ class LlamaCppRunner:
 
     def reset(self) -> None:
         """Forget the KV cache: the next call starts at position 0."""
-        self._lib.llama_memory_clear(self._lib.llama_get_memory(self._ctx), True)
+        self._api.clear_kv(self._ctx)
+
+    def tokenize(self, text: str, add_special: bool = False) -> list[int]:
+        """``text`` tokenized by llama.cpp from the file's own tokenizer metadata (``add_special``: BOS/EOS)."""
+        vocab, data = self._lib.llama_model_get_vocab(self._model), text.encode("utf-8")
+        size = len(data) + 8  # a byte-level BPE makes at most one token per byte (+ specials)
+        out = self._ffi.new("llama_token[]", size)
+        n = self._lib.llama_tokenize(vocab, data, len(data), out, size, add_special, False)
+        if n < 0:
+            raise RuntimeError(f"llama_tokenize needed {-n} tokens for {text!r}, more than the {size} allowed.")
+        return [int(out[i]) for i in range(n)]
 
     def _decode(self, tokens: Sequence[int], start: int, all_logits: bool) -> None:
         for offset in range(0, len(tokens), self.config.n_batch):
@@ -216,10 +216,8 @@ def llamacpp_quantize(src: str | Path, dst: str | Path, qtype: str = "Q4_0", n_t
     ftypes = {"F16": 1, "Q4_0": 2, "Q4_1": 3, "Q8_0": 7}  # llama_ftype
     if qtype not in ftypes:
         raise ValueError(f"`qtype` must be one of {list(ftypes)}, got {qtype!r}.")
-    _require()
-    from llama_cpp_py_sync._cffi_bindings import get_ffi, get_lib
-
-    lib, ffi = get_lib(), get_ffi()
+    api = _llamacpp_lib.load()
+    lib, ffi = api.lib, api.ffi
     params = ffi.new("llama_model_quantize_params *", lib.llama_model_quantize_default_params())
     params.nthread, params.ftype, params.allow_requantize = n_threads, ftypes[qtype], True
     if lib.llama_model_quantize(str(src).encode(), str(dst).encode(), params) != 0:
