@@ -232,7 +232,8 @@ def test_when_savings_are_smaller_than_predicted_the_pruner_goes_on_until_the_me
     apply_moves(floor, [Move(b, k, 0.75) for b, k in prunable_units(floor)])
     dense, lowest = convex(model), convex(floor)
     target = lowest + 0.2 * (dense - lowest)
-    pruner = BudgetPruner(target, convex, _loss, start_step=1, every_n_steps=1, steps=2, calibration_batches=1)
+    pruner = BudgetPruner(target, convex, _loss, start_step=1, every_n_steps=1, steps=2, calibration_batches=1,
+                          landing_tolerance=None)  # the plan's order, continued: what this test checks
     pruner.check(model)
     for step, batch in enumerate(_batches(4), start=1):
         pruner.collect(batch)
@@ -344,7 +345,10 @@ def test_depth_sensitivity_prices_whole_layers_and_takes_the_free_one_first() ->
     assert report.layers["bert.encoder.layer.2.attention"] == "bert.encoder.layer.2"
     order = greedy_moves(report)
     assert order[0] == Move("bert.encoder.layer.2", "block", 1.0)
-    assert not any(m.block.startswith("bert.encoder.layer.2.") for m in order)  # its units retired with it
+    # its heads and neurons retire with it: they come only at the very end, as alternatives for landing
+    inside = [i for i, m in enumerate(order) if m.kind != "block" and m.block.startswith("bert.encoder.layer.2")]
+    others = [i for i, m in enumerate(order) if not m.block.startswith("bert.encoder.layer.2")]
+    assert inside and min(inside) > max(others)
     work = copy.deepcopy(model)
     apply_moves(work, order)
     assert fake_latency_depth(work) < fake_latency(model)  # below the width-only floor's fixed part
@@ -398,3 +402,24 @@ def test_resume_with_depth_gives_the_same_allocation_and_weights(tmp_path: Path)
     assert structure(resumed) == structure(full)
     for key, value in full.state_dict().items():
         torch.testing.assert_close(resumed.state_dict()[key], value, rtol=1e-5, atol=1e-6, msg=key)
+
+
+def test_landing_brings_the_last_removals_within_five_percent_of_the_target() -> None:
+    """The greedy order starts with big moves (whole layers); near the target a smaller later move that fits is
+    brought forward, so the model lands close to the budget instead of far below it."""
+    from lightning_latency.pruning.budget_pruner import BudgetPruner
+
+    def run(target: float, tolerance: float | None) -> float:
+        model = _identity_layer_bert()
+        pruner = BudgetPruner(target, fake_latency_depth, _loss, start_step=1, every_n_steps=1, steps=1,
+                              calibration_batches=1, depth=True, landing_tolerance=tolerance)
+        pruner.collect(_batches(1)[0])
+        pruner.maybe_prune(model, 1)
+        assert pruner.done and fake_latency_depth(model) == pytest.approx(pruner.measured_ms)
+        return pruner.measured_ms / target - 1
+
+    dense = fake_latency_depth(_identity_layer_bert())
+    landed = {f: run(f * dense, 0.05) for f in (0.45, 0.55, 0.65, 0.75, 0.85)}
+    plain = {f: run(f * dense, None) for f in landed}
+    assert all(-0.05 <= v <= 0 for v in landed.values()), landed
+    assert any(v < -0.05 for v in plain.values()), plain  # without landing some target is overshot: not vacuous

@@ -24,7 +24,7 @@ import torch
 from torch import nn
 
 from lightning_latency.pruning.config import PruningConfig
-from lightning_latency.pruning.depth import find_layers, layer_of, removable_layers, skip_layer
+from lightning_latency.pruning.depth import SkippedLayer, find_layers, layer_of, removable_layers, skip_layer
 from lightning_latency.pruning.structured import (
     _head_scores,
     _importance,
@@ -169,7 +169,8 @@ def apply_moves(model: nn.Module, moves: Iterable[Move], importance: str = "l2")
     units = prunable_units(model, depth=True)
     original = original_structure(model)
     attns, mlps = _blocks(model)
-    layers, removed = find_layers(model), set()
+    layers = find_layers(model)
+    removed = {name for name, (stack, i) in layers.items() if isinstance(stack[i], SkippedLayer)}
     kept: dict[tuple[str, Kind], int] = {}
     for move in moves:
         key = (move.block, move.kind)
@@ -296,8 +297,9 @@ class BudgetUnreachable(ValueError):
     """The latency target cannot be met within the allowed removals; the message says what is reachable."""
 
 
-def _greedy(report: SensitivityReport) -> Iterator[tuple[Move, float]]:
-    """Every allowed move, cheapest loss per saved millisecond first, with the latency predicted after it.
+def _greedy(report: SensitivityReport) -> Iterator[tuple[Move, float, float]]:
+    """Every allowed move, cheapest loss per saved millisecond first, with the latency predicted after it and the
+    milliseconds it is predicted to save.
 
     Each unit moves up its fractions one level at a time; a move's price is the extra loss divided by the extra
     time it saves (moves that save nothing are never taken). Ties go to the bigger saving, then by block name, so
@@ -339,7 +341,15 @@ def _greedy(report: SensitivityReport) -> Iterator[tuple[Move, float]]:
             # (all of them: every unit at its largest fraction, the floor the callback checks in setup).
             rest = [r for u, rows in levels.items() if open_levels(u) for r in rows[position[u] + 1:]]
             for r in sorted(rest, key=lambda r: (r.fraction, r.delta_loss, r.block, r.kind)):
-                yield Move(r.block, r.kind, r.fraction), predicted  # type: ignore[arg-type]
+                yield Move(r.block, r.kind, r.fraction), predicted, 0.0  # type: ignore[arg-type]
+            # Last, the heads / neurons of layers planned for removal whole: alternatives for landing on a target
+            # (a smaller move instead of the whole layer); after that layer is gone they do nothing.
+            for u, rows in levels.items():
+                if open_levels(u):
+                    continue
+                for i in range(position[u] + 1, len(rows)):
+                    saved = (rows[i].saved_ms or 0.0) - ((rows[i - 1].saved_ms or 0.0) if i > 0 else 0.0)
+                    yield Move(u[0], u[1], rows[i].fraction), predicted, max(saved, 0.0)  # type: ignore[arg-type]
             return
         _, minus_gain, block, kind, row = best
         position[(block, kind)] += 1
@@ -350,14 +360,20 @@ def _greedy(report: SensitivityReport) -> Iterator[tuple[Move, float]]:
             saved, loss = taken.get(layer, (0.0, 0.0))
             previous = levels[(block, kind)][position[(block, kind)] - 1] if position[(block, kind)] > 0 else None
             taken[layer] = (saved - minus_gain, loss + row.delta_loss - (previous.delta_loss if previous else 0.0))
-        yield Move(block, kind, row.fraction), predicted  # type: ignore[arg-type]
+        yield Move(block, kind, row.fraction), predicted, -minus_gain  # type: ignore[arg-type]
+
+
+def greedy_savings(report: SensitivityReport) -> list[tuple[Move, float]]:
+    """:func:`greedy_moves` with the milliseconds each move is predicted to save (0 for the unmeasured tail)."""
+    return [(move, saved) for move, _, saved in _greedy(report)]
 
 
 def greedy_moves(report: SensitivityReport) -> list[Move]:
     """Every allowed removal in the order :func:`plan_budget` takes them (it takes a prefix of this list), then the
     levels whose measured saving was not positive, lowest fraction first: applied in full, the list reaches every
-    unit at its largest fraction."""
-    return [move for move, _ in _greedy(report)]
+    unit at its largest fraction. With depth rows, the heads and neurons of layers removed whole come last (no-ops
+    once their layer is gone; the budget pruner uses them to land on a target instead of removing the layer)."""
+    return [move for move, _, _ in _greedy(report)]
 
 
 def plan_budget(report: SensitivityReport, target_ms: float) -> list[Move]:
@@ -385,7 +401,7 @@ def plan_budget(report: SensitivityReport, target_ms: float) -> list[Move]:
                 f"{predicted:.3f} ms (dense {report.base_ms:.3f} ms). Pass target_ms >= {predicted:.3f}, raise "
                 "`max_fraction`, or quantize as well."
             )
-        move, predicted = step
+        move, predicted, _ = step
         plan.append(move)
     return plan
 
@@ -397,6 +413,7 @@ __all__ = [
     "SensitivityRow",
     "apply_moves",
     "greedy_moves",
+    "greedy_savings",
     "layer_sensitivity",
     "plan_budget",
     "prunable_units",

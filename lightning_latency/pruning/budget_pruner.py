@@ -23,7 +23,7 @@ from lightning_latency.pruning.budget import (
     SensitivityReport,
     apply_moves,
     check_fractions,
-    greedy_moves,
+    greedy_savings,
     layer_sensitivity,
     plan_budget,
     prunable_units,
@@ -59,12 +59,14 @@ class BudgetPruner:
         calibration_batches: batches kept (detached, on CPU) for the sensitivity pass.
         fractions, max_fraction: removal fractions tried per unit; the most of any layer that may go.
         depth: also remove whole layers (all but the first of each stack), priced like any other removal.
+        landing_tolerance: near the target, a move predicted to save more than the gap left plus this fraction of
+            the target gives way to the cheapest later move that fits (:meth:`_land`); None keeps the plan's order.
     """
 
     def __init__(self, target_ms: float, latency_fn: LatencyFn, loss_fn: LossFn | None = None, start_step: int = 0,
                  every_n_steps: int = 10, steps: int = 4, calibration_batches: int = 4,
                  fractions: Sequence[float] = (0.25, 0.5, 0.75), max_fraction: float = 0.75,
-                 depth: bool = False) -> None:
+                 depth: bool = False, landing_tolerance: float | None = 0.05) -> None:
         self.target_ms, self.latency_fn, self.loss_fn = float(target_ms), latency_fn, loss_fn or _hf_loss
         self.depth = bool(depth)
         self.start_step, self.every_n_steps, self.steps = start_step, every_n_steps, steps
@@ -78,6 +80,9 @@ class BudgetPruner:
         self.history: list[tuple[int, float]] = []
         self.original: dict[str, Any] = {}
         self.report: SensitivityReport | None = None
+        self.savings: dict[Move, float] = {}  # predicted ms each planned move saves (for landing on the target)
+        self.last_ms: float | None = None  # the latest measurement (the dense one before the first removal)
+        self.tolerance = landing_tolerance
 
     @property
     def measured_ms(self) -> float | None:
@@ -131,13 +136,13 @@ class BudgetPruner:
             return None
         if not self.plan:
             self._make_plan(model, broadcast, info, warn)
-        remaining = len(self.plan) - self.applied
-        chunk = remaining if index >= self.steps - 1 else -(-remaining // (self.steps - index))
-        measured = None
-        for _ in range(chunk):
+        last = index >= self.steps - 1
+        chunk = -(-(len(self.plan) - self.applied) // max(self.steps - index, 1))
+        measured, count = None, 0
+        # the last step applies the rest of the plan, however landing (_land) has reordered it
+        while not self.done and self.applied < len(self.plan) and (last or count < chunk):
             measured = self._apply_next(model, broadcast)
-            if self.done:
-                break
+            count += 1
         # the plan is done but the measurement is not: savings were smaller than predicted, so go on through the
         # next-cheapest removals, one at a time, measuring after each (the floor check said the target is reachable)
         while not self.done and self.applied >= len(self.plan) and self.reserve:
@@ -155,13 +160,39 @@ class BudgetPruner:
         return measured
 
     def _apply_next(self, model: nn.Module, broadcast: Broadcast | None) -> float:
+        self._land()
         apply_moves(model, [self.plan[self.applied]])
         self.applied += 1
         measured = self._measure(model)
         if broadcast is not None:
             measured = float(broadcast(measured))
         self.done = measured <= self.target_ms
+        self.last_ms = measured
         return measured
+
+    def _land(self) -> None:
+        """Near the target, do not overshoot: when the next move is predicted to save more than the gap left (plus
+        ``tolerance`` of the target), bring forward the cheapest later move that fits (same order otherwise).
+
+        The first moves are usually the big ones (whole layers); the last few decide how close to the budget the
+        model lands, and every millisecond below it is accuracy given away for nothing. Decided from the measured
+        latency and the plan (identical on every rank); the reordered plan is what checkpoints hold.
+        """
+        if self.tolerance is None or self.last_ms is None or not self.savings:
+            return
+        room = self.last_ms - self.target_ms * (1 - self.tolerance)
+        nxt = self.plan[self.applied]
+        if self.savings.get(nxt, 0.0) <= room:
+            return
+        later = self.plan[self.applied + 1:] + self.reserve
+        fit = next((m for m in later if 0 < self.savings.get(m, 0.0) <= room), None)
+        if fit is None:
+            return
+        if fit in self.reserve:
+            self.reserve.remove(fit)
+        else:
+            self.plan.remove(fit)
+        self.plan.insert(self.applied, fit)
 
     def metrics(self, model: nn.Module, measured: float) -> dict[str, float]:
         out = {"budget/target_ms": self.target_ms, "budget/measured_ms": measured,
@@ -176,17 +207,20 @@ class BudgetPruner:
         batches = [move_to(b, device) for b in self.calibration] if device is not None else self.calibration
         self.report = layer_sensitivity(model, self.loss_fn, batches, self.fractions, self.latency_fn,
                                         self.max_fraction, depth=self.depth)
-        order = greedy_moves(self.report)
+        ranked = greedy_savings(self.report)
+        order = [move for move, _ in ranked]
         try:
             planned = len(plan_budget(self.report, self.target_ms))
         except BudgetUnreachable as err:  # prediction says no; the measurement may still get there
             warn(f"{err} Applying the allowed removals in order until the measurement meets it.")
             planned = len(order)
-        rows = [(m.block, m.kind, m.fraction) for m in order]
+        rows = [(m.block, m.kind, m.fraction, saved) for m, saved in ranked]
         if broadcast is not None:  # one plan for all ranks: rank 0's measurements decide
             rows = broadcast(rows)
-        moves = [Move(*r) for r in rows]
+        moves = [Move(*r[:3]) for r in rows]
+        self.savings = {m: float(r[3]) for m, r in zip(moves, rows)}
         self.plan, self.reserve, self.calibration = moves[:planned], moves[planned:], []
+        self.last_ms = self.report.base_ms
         info(f"target {self.target_ms:g} ms, dense {self.report.base_ms:.3f} ms; {len(self.plan)} removals "
              f"planned\n{self.report.format()}")
 
@@ -201,7 +235,9 @@ class BudgetPruner:
     def state_dict(self) -> dict[str, Any]:
         return {"plan": [(m.block, m.kind, m.fraction) for m in self.plan], "applied": self.applied,
                 "reserve": [(m.block, m.kind, m.fraction) for m in self.reserve],
-                "done": self.done, "history": list(self.history), "original": self.original}
+                "done": self.done, "history": list(self.history), "original": self.original,
+                "savings": [(m.block, m.kind, m.fraction, s) for m, s in self.savings.items()],
+                "last_ms": self.last_ms}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Restore :meth:`state_dict` (keys read with defaults: checkpoints of older releases load)."""
@@ -211,6 +247,8 @@ class BudgetPruner:
         self.done = state_dict.get("done", False)
         self.history = [tuple(h) for h in state_dict.get("history", [])]
         self.original = dict(state_dict.get("original", {}))
+        self.savings = {Move(b, k, f): float(v) for b, k, f, v in state_dict.get("savings", [])}
+        self.last_ms = state_dict.get("last_ms")
 
 
 __all__ = ["BudgetPruner"]
