@@ -423,3 +423,47 @@ def test_landing_brings_the_last_removals_within_five_percent_of_the_target() ->
     plain = {f: run(f * dense, None) for f in landed}
     assert all(-0.05 <= v <= 0 for v in landed.values()), landed
     assert any(v < -0.05 for v in plain.values()), plain  # without landing some target is overshot: not vacuous
+
+
+def test_a_decode_tokens_per_s_budget_on_a_causal_lm(tmp_path: Path) -> None:
+    """target_tokens_per_s: the target is a TPOT of 1000 / tokens/s; logged in both units; the model still generates."""
+    module = HFModule(kind="llama")
+    tpot = fake_latency_depth  # stands in for decode_latency_fn: ms per token of the current structure
+    dense_tps = 1000.0 / tpot(module.model)
+    target = 1.6 * dense_tps
+    budget = LatencyBudgetPruning(target_tokens_per_s=target, latency_fn=tpot, start_step=2, every_n_steps=2,
+                                  steps=3, calibration_batches=2, depth=True)
+    trainer = _run(tmp_path, module, [budget], max_steps=10)
+    assert budget.target_ms == pytest.approx(1000.0 / target)
+    assert 1000.0 / budget.measured_ms >= target
+    rows = read_csv_metrics(trainer)
+    speeds = [float(r["budget/measured_tokens_per_s"]) for r in rows if r.get("budget/measured_tokens_per_s")]
+    assert speeds and speeds[-1] >= target and any(r.get("budget/target_tokens_per_s") for r in rows)
+    out = module.model.eval().generate(_batches(1)[0]["input_ids"][:1, :6], max_new_tokens=4, do_sample=False)
+    assert out.shape == (1, 10)
+
+
+def test_decode_latency_fn_times_greedy_decoding() -> None:
+    from lightning_latency.latency import LatencyConfig, decode_latency_fn
+
+    model = tiny_llama().train()
+    prompt = _batches(1)[0]["input_ids"][:1, :8]
+    ms = decode_latency_fn(prompt, new_tokens=4, config=LatencyConfig(warmup=1, min_runs=2, max_time_s=1.0))(model)
+    assert ms > 0 and model.training  # measured in eval mode, the module's own flag restored
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        (dict(target_ms=5.0, target_tokens_per_s=40.0, latency_fn=fake_latency), r"pass `target_ms` or "
+                                                                                 r"`target_tokens_per_s`, not both"),
+        (dict(target_tokens_per_s=0, latency_fn=fake_latency), r"`target_tokens_per_s` must be a positive number, "
+                                                               r"got 0"),
+        (dict(target_tokens_per_s=40.0, example_inputs={"input_ids": torch.ones(1, 4, dtype=torch.long)},
+              deploy_backend="ort"), r"a tokens/s budget times decoding. Pass latency_fn=decode_latency_fn"),
+        (dict(latency_fn=fake_latency), r"`target_ms` must be a positive number of milliseconds, got None"),
+    ],
+)
+def test_tokens_per_s_arguments_are_checked(kwargs: dict, match: str) -> None:
+    with pytest.raises(ValueError, match=match):
+        LatencyBudgetPruning(**kwargs)

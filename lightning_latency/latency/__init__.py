@@ -23,7 +23,7 @@ from lightning_latency.latency.fast_generation import (
     fast_generate,
     measure_bandwidth,
 )
-from lightning_latency.latency.generation import GenerationReport, measure_generation
+from lightning_latency.latency.generation import GenerationReport, decode_latency_fn, measure_generation
 from lightning_latency.latency.hardware import KNOWN_PEAKS, has_native_bf16, isa_flags, isa_summary, known_peaks
 from lightning_latency.latency.config import LatencyConfig
 from lightning_latency.latency.final import deployed_latency_fn
@@ -46,6 +46,7 @@ __all__ = [
     "TimingStats",
     "compare_latency",
     "decode_bytes_per_token",
+    "decode_latency_fn",
     "deployed_latency_fn",
     "fast_generate",
     "isa_flags",

@@ -9,7 +9,7 @@ Greedy decoding (``do_sample=False``) keeps the work identical from run to run.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -200,4 +200,21 @@ def measure_generation(model: nn.Module, inputs: Any = None, config: LatencyConf
     )
 
 
-__all__ = ["GenerationReport", "measure_generation"]
+def decode_latency_fn(prompt: Any, new_tokens: int = 16, config: LatencyConfig | None = None,
+                      fast: bool = False) -> Callable[[nn.Module], float]:
+    """``latency_fn(model) -> TPOT ms`` of greedy decoding after ``prompt`` (batch 1 for a tokens/s budget).
+
+    Decode tokens/s is ``1000 / TPOT``: pass this to
+    :class:`~lightning_latency.pruning.budget_callback.LatencyBudgetPruning` with ``target_tokens_per_s`` (or to
+    :func:`~lightning_latency.pruning.budget.layer_sensitivity`). ``fast`` times the static-cache compiled form
+    (a compile per call: too slow for a sensitivity pass over many candidates; the eager ``generate`` ranks them).
+    """
+    settings = config or LatencyConfig(warmup=1, min_runs=3, max_time_s=4.0)
+
+    def tpot(model: nn.Module) -> float:
+        return measure_generation(model, prompt, settings, new_tokens=new_tokens, fast=fast).tpot_ms
+
+    return tpot
+
+
+__all__ = ["GenerationReport", "decode_latency_fn", "measure_generation"]

@@ -33,6 +33,9 @@ class LatencyBudgetPruning(CompressionCallback):
 
     Args:
         target_ms: the latency to reach, in ms, as ``latency_fn`` measures it (e.g. p50 at batch 1).
+        target_tokens_per_s: instead of ``target_ms``, a decode speed for causal LMs: the target is a TPOT of
+            ``1000 / target_tokens_per_s`` ms, timed by ``latency_fn`` (default with ``example_inputs`` = a prompt:
+            :func:`~lightning_latency.latency.decode_latency_fn`, greedy ``generate`` at batch 1).
         example_inputs: the inputs the default ``latency_fn`` times (``measure_latency`` p50, eager). Pass
             ``deploy_backend`` to time the deployment form instead, or your own ``latency_fn``.
         latency_fn: ``latency_fn(model) -> ms``; called on deep copies during the sensitivity pass.
@@ -68,7 +71,7 @@ class LatencyBudgetPruning(CompressionCallback):
 
     def __init__(
         self,
-        target_ms: float,
+        target_ms: float | None = None,
         example_inputs: Any = None,
         latency_fn: LatencyFn | None = None,
         loss_fn: LossFn | None = None,
@@ -81,12 +84,29 @@ class LatencyBudgetPruning(CompressionCallback):
         model_attr: str | None = None,
         deploy_backend: str | None = None,
         depth: bool = False,
+        target_tokens_per_s: float | None = None,
         start: int | None = None,
         frequency: int | None = None,
     ) -> None:
         super().__init__(model_attr)
         start_step = renamed(self.name, "start", start, "start_step", start_step, 0)
         every_n_steps = renamed(self.name, "frequency", frequency, "every_n_steps", every_n_steps, 10)
+        if target_tokens_per_s is not None:
+            if target_ms is not None:
+                raise ValueError(f"pass `target_ms` or `target_tokens_per_s`, not both (got {target_ms!r} and "
+                                 f"{target_tokens_per_s!r}).")
+            if isinstance(target_tokens_per_s, bool) or not isinstance(target_tokens_per_s, (int, float)) or \
+                    target_tokens_per_s <= 0:
+                raise ValueError(f"`target_tokens_per_s` must be a positive number, got {target_tokens_per_s!r}. "
+                                 "E.g. target_tokens_per_s=40.0 for decoding at 40 tokens/s or faster.")
+            if deploy_backend is not None:
+                raise ValueError("`deploy_backend` times one forward of an encoder; a tokens/s budget times decoding. "
+                                 "Pass latency_fn=decode_latency_fn(prompt) (or example_inputs=prompt) instead.")
+            target_ms = 1000.0 / float(target_tokens_per_s)
+            if latency_fn is None and example_inputs is not None:
+                from lightning_latency.latency.generation import decode_latency_fn
+
+                latency_fn = decode_latency_fn(example_inputs)
         if isinstance(target_ms, bool) or not isinstance(target_ms, (int, float)) or target_ms <= 0:
             raise ValueError(f"`target_ms` must be a positive number of milliseconds, got {target_ms!r}. "
                              "E.g. target_ms=8.0 for p50 at most 8 ms.")
@@ -111,6 +131,7 @@ class LatencyBudgetPruning(CompressionCallback):
         self.pruner = BudgetPruner(target_ms, latency_fn or _p50_latency_fn(example_inputs), loss_fn, start_step,
                                    every_n_steps, steps, calibration_batches, fractions, max_fraction, depth)
         self.core = self.pruner  # checkpoints hold its state_dict (see CompressionCallback.core)
+        self.tokens_per_s = target_tokens_per_s is not None
 
     @property
     @override
@@ -166,7 +187,11 @@ class LatencyBudgetPruning(CompressionCallback):
         measured = self.pruner.maybe_prune(model, trainer.global_step, broadcast, self.info, self.warn)
         if measured is not None:
             rebuild_optimizers(trainer, pl_module)
-            self.log_metrics(trainer, self.pruner.metrics(model, measured))
+            metrics = self.pruner.metrics(model, measured)
+            if self.tokens_per_s:  # the budget was given as decode speed: log it as such too
+                metrics.update({"budget/target_tokens_per_s": 1000.0 / self.pruner.target_ms,
+                                "budget/measured_tokens_per_s": 1000.0 / measured})
+            self.log_metrics(trainer, metrics)
 
 
 __all__ = ["LatencyBudgetPruning"]
