@@ -72,6 +72,25 @@ def test_non_uniform_pruned_model_runs_in_llama_cpp(tmp_path) -> None:
     np.testing.assert_allclose(got, expected, rtol=0, atol=F32_REL * np.abs(expected).max())
 
 
+def test_depth_pruned_export_leaves_the_removed_layers_out(tmp_path) -> None:
+    """A layer removed by depth pruning is not written: the file has one block fewer (llama.cpp decodes less)."""
+    from lightning_latency.pruning.depth import skip_layer
+
+    model = untied_llama()
+    n = len(model.model.layers)
+    skip_layer(model, f"model.layers.{n - 1}")
+    path = export_gguf(model, tmp_path / "d.gguf", qtype="F32")
+    import gguf
+
+    fields = gguf.GGUFReader(str(path)).fields
+    assert int(fields["llama.block_count"].contents()) == n - 1
+    if REASON is None:  # and llama.cpp runs it like PyTorch
+        with LlamaCppRunner(path, LlamaCppConfig(n_threads=1, n_ctx=64, kv_f32=True)) as run:
+            got = run.logits(TOKENS)
+        expected = _torch_logits(model, TOKENS)
+        np.testing.assert_allclose(got, expected, rtol=0, atol=F32_REL * np.abs(expected).max())
+
+
 @needs_llamacpp
 def test_greedy_tokens_equal_hf_generate_for_f32(tmp_path) -> None:
     model = untied_llama()

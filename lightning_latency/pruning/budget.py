@@ -93,19 +93,36 @@ class SensitivityReport:
         return "\n".join(lines)
 
     def plot(self, path: str) -> str:
-        """Save Δloss per unit and fraction as a PNG (matplotlib) and return the path."""
+        """Save the sensitivity as a PNG (matplotlib) and return the path.
+
+        Left: loss increase per unit against the fraction removed. Right (when latency was measured): every
+        candidate's loss increase against the milliseconds it saves, by kind; the cheap milliseconds (what the
+        budget plan takes first) sit at the bottom right.
+        """
         import matplotlib
 
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
 
-        fig, ax = plt.subplots(figsize=(8, 4))
+        timed = self.base_ms is not None and any(r.saved_ms is not None for r in self.rows)
+        fig, axes = plt.subplots(1, 2 if timed else 1, figsize=(12 if timed else 8, 4.5), squeeze=False)
+        ax = axes[0][0]
         for block, kind in self.units():
             rows = [r for r in self.rows if (r.block, r.kind) == (block, kind)]
             ax.plot([r.fraction for r in rows], [r.delta_loss for r in rows], marker="o", label=f"{block} {kind}")
-        ax.set_xlabel("fraction removed")
+        ax.set_xlabel("fraction removed (1 = the whole layer)")
         ax.set_ylabel("loss increase")
-        ax.legend(fontsize=6, ncol=2)
+        ax.legend(fontsize=5, ncol=2)
+        if timed:
+            ax = axes[0][1]
+            for kind, marker in (("heads", "o"), ("neurons", "s"), ("block", "^")):
+                rows = [r for r in self.rows if r.kind == kind and r.saved_ms is not None]
+                if rows:
+                    ax.scatter([r.saved_ms for r in rows], [r.delta_loss for r in rows], marker=marker, label=kind)
+            ax.axvline(0.0, color="grey", linewidth=0.5)
+            ax.set_xlabel(f"ms saved (dense {self.base_ms:.2f} ms)")
+            ax.set_ylabel("loss increase")
+            ax.legend(fontsize=8)
         fig.tight_layout()
         fig.savefig(path, dpi=120)
         plt.close(fig)

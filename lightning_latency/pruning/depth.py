@@ -19,8 +19,6 @@ from typing import Any
 import torch
 from torch import nn
 
-from lightning_latency.pruning.structured import find_blocks
-
 
 class SkippedLayer(nn.Module):
     """A removed transformer layer: returns the hidden states it is given (first argument) unchanged."""
@@ -39,6 +37,8 @@ class SkippedLayer(nn.Module):
 def find_layers(model: nn.Module) -> dict[str, tuple[nn.ModuleList, int]]:
     """``{layer name: (its ModuleList, index)}`` for every layer holding an attention or MLP block, skipped ones
     included, in order. Only the outermost stack counts (a layer's own lists, e.g. MoE experts, are not layers)."""
+    from lightning_latency.pruning.structured import find_blocks  # lazy: torch-pruning is slow to import
+
     attns, mlps = find_blocks(model, convert=False)
     blocks = [b.name for b in attns] + [m.name for m in mlps]
     layers: dict[str, tuple[nn.ModuleList, int]] = {}

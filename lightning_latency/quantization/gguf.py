@@ -70,10 +70,17 @@ def _head_dim(config: Any) -> int:
     return getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
 
 
+def _kept_layers(inner: nn.Module) -> list[nn.Module]:
+    """The decoder layers to write: depth pruning's removed layers (``SkippedLayer``) are left out of the file."""
+    from lightning_latency.pruning.depth import SkippedLayer
+
+    return [layer for layer in inner.layers if not isinstance(layer, SkippedLayer)]
+
+
 def _layer_counts(inner: nn.Module, head_dim: int) -> list[tuple[int, int, int]]:
     """(query heads, KV heads, FFN width) of every layer, read from the weight shapes (pruning changes them)."""
     counts = []
-    for i, layer in enumerate(inner.layers):
+    for i, layer in enumerate(_kept_layers(inner)):
         attn, mlp = layer.self_attn, layer.mlp
         c = (attn.q_proj.out_features // head_dim, attn.k_proj.out_features // head_dim, mlp.gate_proj.out_features)
         if min(c) < 1 or c[0] % c[1]:
@@ -221,7 +228,7 @@ def export_gguf(model: nn.Module, path: str | Path, qtype: str = "Q8_0", tokeniz
     writer.add_name(name or getattr(config, "_name_or_path", "") or "lightning-latency export")
     writer.add_context_length(int(getattr(config, "max_position_embeddings", 2048)))
     writer.add_embedding_length(hidden)
-    writer.add_block_count(len(inner.layers))
+    writer.add_block_count(len(_kept_layers(inner)))
     writer.add_feed_forward_length(n_ff)
     writer.add_head_count(n_head)
     writer.add_head_count_kv(n_kv)
@@ -237,7 +244,7 @@ def export_gguf(model: nn.Module, path: str | Path, qtype: str = "Q8_0", tokeniz
     _add_tokenizer(writer, tokenizer, n_vocab, tokenizer_pre)
 
     _add(writer, "token_embd.weight", embed.detach().float().cpu().numpy(), emb_type)
-    for i, layer in enumerate(inner.layers):
+    for i, layer in enumerate(_kept_layers(inner)):  # removed layers are absent: the file has fewer blocks
         _add(writer, f"blk.{i}.attn_norm.weight", layer.input_layernorm.weight.float().cpu().numpy(), "F32")
         _add(writer, f"blk.{i}.ffn_norm.weight", layer.post_attention_layernorm.weight.float().cpu().numpy(), "F32")
         for hf_name, gguf_name in _LAYER_LINEARS:
