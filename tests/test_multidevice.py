@@ -173,6 +173,49 @@ def test_ddp_structured_pruning_then_qat_on_a_gqa_llama_student(tmp_path: Path, 
     assert structure(module.teacher) != shapes  # and the teacher kept its heads and neurons
 
 
+def _rank_skewed_latency(model: nn.Module) -> float:
+    """A latency that rank 1 measures 30% higher than rank 0 (as two busy processes would): one plan must win."""
+    import torch.distributed as dist
+
+    from test_pruning_budget import fake_latency_depth
+
+    skew = 1.3 if dist.is_available() and dist.is_initialized() and dist.get_rank() == 1 else 1.0
+    return skew * fake_latency_depth(model)
+
+
+class _BudgetDump:
+    def __call__(self, pl_module: Any) -> dict[str, Any]:
+        from lightning_latency import LatencyBudgetPruning
+        from lightning_latency.pruning.depth import skipped_layers
+
+        budget = _callbacks_of(pl_module.trainer, LatencyBudgetPruning)
+        state = budget.state_dict()
+        return {"weights": {k: v.detach().clone() for k, v in pl_module.state_dict().items()},
+                "structure": structure(pl_module.student), "skipped": skipped_layers(pl_module.student),
+                "plan": state["plan"], "applied": state["applied"], "history": state["history"]}
+
+
+@pytest.mark.ddp
+def test_ddp_budget_pruning_with_depth_and_landing_ends_identical_on_both_ranks(tmp_path: Path, bounded: None) -> None:
+    """Rank 1 measures everything 30% slower; rank 0's measurements decide the plan, every landing trial and every
+    stop, so both ranks end with the same layers removed, the same widths and the same weights."""
+    from lightning_latency import LatencyBudgetPruning
+
+    teacher = tiny_llama(layers=3)
+    module = DistillationModule(student_from_teacher_layers(teacher, [0, 1, 2]), teacher, lr=1e-2)
+    budget = LatencyBudgetPruning(target_ms=0.6 * _rank_skewed_latency(module.student),
+                                  latency_fn=_rank_skewed_latency, start_step=1, every_n_steps=1, steps=2,
+                                  calibration_batches=1, depth=True)
+    trainer = Trainer(**trainer_kwargs(tmp_path, strategy=ddp_strategy(start_method="spawn"), devices=2,
+                                       max_steps=4, logger=False, callbacks=[budget, RankStateDump(tmp_path,
+                                                                                                   _BudgetDump())]))
+    trainer.fit(module, DataLoader(LMDataset(32, 12, 0), batch_size=4))
+    r0, r1 = _ranks(tmp_path)
+    _assert_same(r0, r1)
+    assert r0["applied"] > 0 and r0["history"][-1][1] <= budget.target_ms  # rank 0's numbers, on both ranks
+    assert structure(module.student) == r0["structure"]  # the spawn main process got the pruned student back
+
+
 class _FailsOnRank1(HFModule):
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
         if self.global_rank == 1 and batch_idx == 1:

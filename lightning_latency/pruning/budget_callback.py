@@ -17,6 +17,10 @@ from lightning_latency.pruning.budget_pruner import BudgetPruner
 from lightning_latency.pruning.optim import rebuild_optimizers, register_reshape_hook, shape_change_problem
 
 
+def _from_rank_zero(trainer: Trainer) -> Any:  # rank 0's value on every rank: one plan, measurement, choice
+    return (lambda obj: trainer.strategy.broadcast(obj, src=0)) if trainer.world_size > 1 else None
+
+
 def _p50_latency_fn(example_inputs: Any) -> LatencyFn:
     from lightning_latency.latency.measure import measure_latency
 
@@ -51,9 +55,8 @@ class LatencyBudgetPruning(CompressionCallback):
             (:func:`~lightning_latency.latency.deployed_latency_fn`: ``"ort_int8"``, ``"ort"``, ``"x86"``, ...): the
             budget is then met by the model as it ships. Forms that build in seconds (the ONNX Runtime ones) suit
             the sensitivity pass, which deploys one copy per unit and fraction.
-        depth: also remove whole layers (depth pruning; every layer but the first of each stack may go), priced
-            by the same loss per saved millisecond. At batch 1 a layer's fixed cost is much of its time, and only
-            depth removes it: the reachable floor is far lower.
+        depth: also remove whole layers (all but the first of each stack), priced by the same loss per saved ms:
+            at batch 1 a layer's fixed cost is much of its time, and only depth removes it.
         start, frequency: deprecated names of ``start_step``, ``every_n_steps``.
 
     Raises:
@@ -166,7 +169,7 @@ class LatencyBudgetPruning(CompressionCallback):
     # ----------------------------------------------------------------------------------------------- contract
     @override
     def validate(self, trainer: Trainer, pl_module: LightningModule, target: nn.Module, stage: str) -> None:
-        self.pruner.check(target, measure_floor=stage == "fit")
+        self.pruner.check(target, measure_floor=stage == "fit", broadcast=_from_rank_zero(trainer))
         self.add_hook(register_reshape_hook(target))  # Lightning restores the model before the callbacks
 
     @override
@@ -182,9 +185,8 @@ class LatencyBudgetPruning(CompressionCallback):
     def on_train_batch_end(self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any,
                            batch_idx: int) -> None:
         self.pruner.collect(batch)
-        broadcast = (lambda obj: trainer.strategy.broadcast(obj, src=0)) if trainer.world_size > 1 else None
         model = self.target(pl_module)
-        measured = self.pruner.maybe_prune(model, trainer.global_step, broadcast, self.info, self.warn)
+        measured = self.pruner.maybe_prune(model, trainer.global_step, _from_rank_zero(trainer), self.info, self.warn)
         if measured is not None:
             rebuild_optimizers(trainer, pl_module)
             metrics = self.pruner.metrics(model, measured)

@@ -95,7 +95,7 @@ class BudgetPruner:
         """The removals applied so far, in order."""
         return self.plan[: self.applied]
 
-    def check(self, model: nn.Module, measure_floor: bool = True) -> None:
+    def check(self, model: nn.Module, measure_floor: bool = True, broadcast: Broadcast | None = None) -> None:
         """Raise ValueError for a model with nothing to prune or (``measure_floor``, before a plan exists) a target
         below what every allowed removal reaches."""
         units = prunable_units(model, self.depth)
@@ -105,6 +105,8 @@ class BudgetPruner:
         floor_model = copy.deepcopy(model)
         apply_moves(floor_model, [Move(b, k, 1.0 if k == "block" else self.max_fraction) for b, k in units])
         floor = min(float(self.latency_fn(floor_model)) for _ in range(3))  # optimistic: refuse only the impossible
+        if broadcast is not None:  # every rank refuses, or none does: rank 0's measurement decides
+            floor = float(broadcast(floor))
         if floor > self.target_ms:
             what = "every layer but the first removed" if self.depth else \
                 f"`max_fraction`={self.max_fraction:g} of every layer's heads and neurons removed"
