@@ -100,3 +100,53 @@ def test_a_depth_pruned_state_dict_loads_into_a_fresh_model() -> None:
     assert reshape_to_state_dict(fresh, state)
     fresh.load_state_dict(state, strict=True)
     assert isinstance(fresh.bert.encoder.layer[1], SkippedLayer)
+
+
+def _llama_with_a_passive_layer() -> torch.nn.Module:
+    """3 layers; layer 1 writes nothing into the residual stream (zero o_proj and down_proj)."""
+    model = tiny_llama(layers=3).eval()
+    with torch.no_grad():
+        model.model.layers[1].self_attn.o_proj.weight.zero_()
+        model.model.layers[1].mlp.down_proj.weight.zero_()
+    return model
+
+
+def _calibration(n: int = 2) -> list[dict[str, torch.Tensor]]:
+    return [{"input_ids": _ids(), "labels": _ids()} for _ in range(n)]
+
+
+def test_block_importance_finds_the_layer_that_changes_nothing_and_prune_depth_removes_it() -> None:
+    from lightning_latency.pruning.depth import block_importance, prune_depth
+
+    model = _llama_with_a_passive_layer()
+    scores = block_importance(model, _calibration())
+    assert set(scores) == {"model.layers.0", "model.layers.1", "model.layers.2"}
+    assert scores["model.layers.1"] < 1e-6 < min(scores["model.layers.0"], scores["model.layers.2"])
+    with torch.no_grad():
+        before = model(input_ids=_ids()).logits
+    assert prune_depth(model, 1, _calibration()) == ["model.layers.1"]
+    with torch.no_grad():
+        torch.testing.assert_close(model(input_ids=_ids()).logits, before)  # it did nothing, so nothing changes
+    with pytest.raises(ValueError, match=r"`layers` must be an int from 0 to 1 .*got 5"):
+        prune_depth(model, 5, _calibration())
+    with pytest.raises(ValueError, match=r"`calibration` is empty"):
+        block_importance(model, [])
+
+
+def test_student_from_pruned_teacher_removes_layers_then_width() -> None:
+    from lightning_latency.distillation import student_from_pruned_teacher
+
+    teacher = _llama_with_a_passive_layer()
+    student = student_from_pruned_teacher(teacher, 0.5, layers_removed=1, calibration=_calibration(),
+                                          importance="taylor")
+    assert skipped_layers(student) == ["model.layers.1"] and not skipped_layers(teacher)
+    assert all(v.get("neurons", 64) == 64 for v in structure(student).values())  # 128 -> 64 neurons
+    depth_only = student_from_pruned_teacher(teacher, 0.0, layers_removed=2, calibration=_calibration())
+    assert len(skipped_layers(depth_only)) == 2 and structure(depth_only) == {
+        k: v for k, v in structure(teacher).items() if k.startswith("model.layers.0")}
+    with pytest.raises(ValueError, match=r"`layers_removed` score the model on data, but no `calibration`"):
+        student_from_pruned_teacher(teacher, 0.0, layers_removed=1)
+    with pytest.raises(ValueError, match=r"`sparsity` must be in \(0, 1\) \(or 0 with layers_removed > 0\), got 0"):
+        student_from_pruned_teacher(teacher, 0.0)
+    tokens = student.eval().generate(_ids(6)[:1], max_new_tokens=4, do_sample=False)
+    assert tokens.shape == (1, 10)

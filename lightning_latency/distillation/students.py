@@ -81,7 +81,8 @@ def student_from_teacher_layers(teacher: nn.Module, layers: Sequence[int] | None
 
 
 def student_from_pruned_teacher(
-    teacher: nn.Module, sparsity: float = 0.5, *, calibration: Iterable[Any] | None = None, **config_kwargs: Any
+    teacher: nn.Module, sparsity: float = 0.5, *, calibration: Iterable[Any] | None = None, layers_removed: int = 0,
+    **config_kwargs: Any
 ) -> nn.Module:
     """A structurally pruned copy of ``teacher`` (attention heads and MLP neurons removed) to distil into.
 
@@ -100,6 +101,9 @@ def student_from_pruned_teacher(
             ``loss``) run forward and backward through the copy in eval mode before pruning, so that a
             gradient-based importance (``importance="taylor"`` or a torch-pruning Taylor/Hessian object) has
             gradients to score. The gradients are cleared afterwards.
+        layers_removed: first remove this many whole layers, the ones that change the residual stream least on
+            ``calibration`` (:func:`~lightning_latency.pruning.depth.block_importance`; the first layer stays):
+            fewer bytes *and* less per-token overhead, which a narrower layer keeps.
         **config_kwargs: further ``PruningConfig`` fields (``prune_heads``, ``prune_neurons``, ``importance`` ...).
 
     Returns:
@@ -109,18 +113,26 @@ def student_from_pruned_teacher(
         ValueError: ``sparsity`` outside ``(0, 1)``; ``importance="taylor"`` without ``calibration``; a calibration
             batch that is not a dict or gives no loss; an empty ``calibration``.
     """
-    if isinstance(sparsity, bool) or not (isinstance(sparsity, (int, float)) and 0.0 < sparsity < 1.0):
-        raise ValueError(f"`sparsity` must be in (0, 1), got {sparsity!r}. For half the heads/neurons pass 0.5.")
+    if isinstance(sparsity, bool) or not (isinstance(sparsity, (int, float)) and 0.0 <= sparsity < 1.0) or \
+            (sparsity == 0 and not layers_removed):
+        raise ValueError(f"`sparsity` must be in (0, 1) (or 0 with layers_removed > 0), got {sparsity!r}. For half "
+                         f"the heads/neurons pass 0.5.")
     from lightning_latency.pruning import PruningConfig, prune_step
+    from lightning_latency.pruning.depth import prune_depth
 
     config = PruningConfig(mode="structured", **config_kwargs)
-    if config.importance == "taylor" and calibration is None:
-        raise ValueError("`importance`='taylor' scores weights by |w·grad|, but no `calibration` batches were given. "
-                         "Pass calibration=[{'input_ids': ..., 'labels': ...}, ...] (a few training batches).")
+    if (config.importance == "taylor" or layers_removed) and calibration is None:
+        raise ValueError("`importance`='taylor' and `layers_removed` score the model on data, but no `calibration` "
+                         "batches were given. Pass calibration=[{'input_ids': ..., 'labels': ...}, ...] (a few "
+                         "training batches).")
     student = copy.deepcopy(teacher).requires_grad_(True)
-    if calibration is not None:
-        _accumulate_gradients(student, calibration)
-    prune_step(student, config, sparsity)
+    if layers_removed:
+        calibration = list(calibration)
+        prune_depth(student, layers_removed, calibration)
+    if sparsity > 0:
+        if calibration is not None:
+            _accumulate_gradients(student, calibration)
+        prune_step(student, config, sparsity)
     student.zero_grad(set_to_none=True)
     return student.train()
 

@@ -104,5 +104,68 @@ def restore_skips(model: nn.Module, state_dict: dict[str, Any], prefix: str = ""
     return changed
 
 
-__all__ = ["SkippedLayer", "find_layers", "layer_of", "removable_layers", "restore_skips", "skip_layer",
-           "skipped_layers"]
+
+@torch.no_grad()
+def block_importance(model: nn.Module, calibration: Any) -> dict[str, float]:
+    """``{layer: 1 - mean cos(input, output)}`` of every present layer on ``calibration`` batches (dicts of model
+    keyword inputs): how much each layer changes the residual stream (ShortGPT's Block Influence; Minitron ranks
+    depth this way). Near 0: the layer hands its input on almost unchanged and is the cheapest to remove.
+
+    Raises:
+        ValueError: empty ``calibration``, or a model with no transformer layers.
+    """
+    batches = list(calibration)
+    if not batches:
+        raise ValueError("`calibration` is empty: pass a few batches of model inputs (e.g. 4 training batches).")
+    layers = {name: stack[i] for name, (stack, i) in find_layers(model).items()
+              if not isinstance(stack[i], SkippedLayer)}
+    if not layers:
+        raise ValueError(f"{type(model).__name__} has no transformer layers that depth pruning recognises.")
+    sums = dict.fromkeys(layers, 0.0)
+    counts = dict.fromkeys(layers, 0)
+
+    def hook(name: str) -> Any:
+        def record(module: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
+            x = args[0] if args else kwargs["hidden_states"]
+            y = output[0] if isinstance(output, (tuple, list)) else output
+            cos = nn.functional.cosine_similarity(x.float().flatten(0, -2), y.float().flatten(0, -2), dim=-1)
+            sums[name] += float((1 - cos).sum())
+            counts[name] += cos.numel()
+        return record
+
+    handles = [layer.register_forward_hook(hook(name), with_kwargs=True) for name, layer in layers.items()]
+    was_training = model.training
+    model.eval()
+    try:
+        for batch in batches:
+            model(**{k: v for k, v in batch.items() if k != "labels"})
+    finally:
+        for h in handles:
+            h.remove()
+        model.train(was_training)
+    return {name: sums[name] / max(counts[name], 1) for name in layers}
+
+
+def prune_depth(model: nn.Module, layers: int, calibration: Any) -> list[str]:
+    """Remove the ``layers`` least important layers (:func:`block_importance`; the first of a stack stays).
+
+    Returns the removed layers' names, least important first.
+
+    Raises:
+        ValueError: ``layers`` not an int in ``[0, removable]``, or empty ``calibration``.
+    """
+    removable = removable_layers(model)
+    if isinstance(layers, bool) or not isinstance(layers, int) or not 0 <= layers <= len(removable):
+        raise ValueError(f"`layers` must be an int from 0 to {len(removable)} (every layer but the first may go), "
+                         f"got {layers!r}.")
+    if layers == 0:
+        return []
+    scores = block_importance(model, calibration)
+    order = sorted(removable, key=lambda name: (scores[name], name))[:layers]
+    for name in order:
+        skip_layer(model, name)
+    return order
+
+
+__all__ = ["SkippedLayer", "block_importance", "find_layers", "layer_of", "prune_depth", "removable_layers",
+           "restore_skips", "skip_layer", "skipped_layers"]
