@@ -121,8 +121,9 @@ def student_from_pruned_teacher(
     from lightning_latency.pruning.depth import prune_depth
 
     config = PruningConfig(mode="structured", **config_kwargs)
-    if (config.importance == "taylor" or layers_removed) and calibration is None:
-        raise ValueError("`importance`='taylor' and `layers_removed` score the model on data, but no `calibration` "
+    if (config.importance in ("taylor", "activation") or layers_removed) and calibration is None:
+        raise ValueError("`importance`='taylor'/'activation' and `layers_removed` score the model on data, but no "
+                         "`calibration` "
                          "batches were given. Pass calibration=[{'input_ids': ..., 'labels': ...}, ...] (a few "
                          "training batches).")
     student = copy.deepcopy(teacher).requires_grad_(True)
@@ -130,7 +131,11 @@ def student_from_pruned_teacher(
         calibration = list(calibration)
         prune_depth(student, layers_removed, calibration)
     if sparsity > 0:
-        if calibration is not None:
+        if config.importance == "activation":
+            from lightning_latency.pruning.activation import ActivationImportance
+
+            config.importance = ActivationImportance(student, calibration)
+        elif calibration is not None:
             _accumulate_gradients(student, calibration)
         prune_step(student, config, sparsity)
     student.zero_grad(set_to_none=True)

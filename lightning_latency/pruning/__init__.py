@@ -7,6 +7,7 @@ inside ``Trainer.fit``. :func:`layer_sensitivity` + :func:`plan_budget` allocate
 :class:`~lightning_latency.pruning.budget_callback.LatencyBudgetPruning` does it inside ``Trainer.fit``.
 """
 
+from lightning_latency.pruning.activation import ActivationImportance
 from lightning_latency.pruning.budget import (
     BudgetUnreachable,
     Move,
@@ -16,6 +17,7 @@ from lightning_latency.pruning.budget import (
     plan_budget,
 )
 from lightning_latency.pruning.config import PruningConfig, PruningMode
+from lightning_latency.pruning.depth import SkippedLayer, block_importance, prune_depth, skip_layer
 from lightning_latency.pruning.core import PruningResult, model_counts, prune_step, structured_sparsity
 from lightning_latency.pruning.hf_io import load_pruned, register_loadable, save_pruned
 from lightning_latency.pruning.budget_pruner import BudgetPruner
@@ -25,7 +27,12 @@ from lightning_latency.pruning.schedule import PruningSchedule
 from lightning_latency.pruning.structured import reshape_to_state_dict, structure
 
 __all__ = [
+    "ActivationImportance",
     "BudgetPruner",
+    "SkippedLayer",
+    "block_importance",
+    "prune_depth",
+    "skip_layer",
     "BudgetUnreachable",
     "Move",
     "SensitivityReport",

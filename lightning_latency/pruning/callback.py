@@ -117,6 +117,11 @@ class MagnitudePruning(CompressionCallback):
         self.pruner.check(target)
         for handle in self.pruner.register_hooks(target):  # Lightning restores the model before the callbacks
             self.add_hook(handle)
+        if self.config.importance == "activation":
+            raise ValueError("importance='activation' ranks on statistics recorded once, which an iterative schedule "
+                             "invalidates at its first structural step. Pass importance='taylor' here, or prune once "
+                             "with student_from_pruned_teacher(teacher, sparsity, importance='activation', "
+                             "calibration=batches) and fine-tune.")
         if self.config.importance == "taylor" and self.schedule.start == 0:
             raise ValueError(f"importance='taylor' needs gradients, which do not exist yet at the first pruning "
                              f"position 0 ({self.interval} 0, before any backward). Pass start_{self.interval}=1 or "

@@ -25,7 +25,7 @@ class PruningMode(str, Enum):
     NM = "nm"
 
 
-_IMPORTANCE_NAMES = ("l1", "l2", "taylor")
+_IMPORTANCE_NAMES = ("l1", "l2", "taylor", "activation")
 _SCOPES = ("local", "global")
 
 #: Module-name patterns (``lightning_latency.patterns``) never pruned by default: embeddings, norms, output heads.
@@ -43,7 +43,9 @@ class PruningConfig:
     Args:
         mode: ``"structured"`` (remove heads/neurons), ``"unstructured"`` (per-weight masks) or ``"nm"`` (N:M masks).
         importance: how weights are scored. ``"l2"``/``"l1"``: magnitude of the weight (or of the group of weights
-            forming a head/neuron); ``"taylor"``: ``|w * grad|`` (needs gradients, i.e. call after ``backward``).
+            forming a head/neuron); ``"taylor"``: ``|w * grad|`` (needs gradients, i.e. call after ``backward``);
+            ``"activation"``: mean ``|activation|`` on calibration data (structured, one-shot:
+            ``student_from_pruned_teacher(..., calibration=...)``, or pass an ``ActivationImportance`` object).
             For structured mode any torch-pruning importance object (``tp.importance.GroupTaylorImportance()``,
             ``GroupHessianImportance()`` …) is accepted as is. For masked modes a callable
             ``fn(name, weight) -> scores`` (same shape as ``weight``) is accepted.

@@ -38,6 +38,11 @@ def _scores(name: str, weight: torch.Tensor, config: PruningConfig) -> torch.Ten
 
 def check_importance(config: PruningConfig) -> None:
     """Raise ValueError for an importance masked modes cannot use (a torch-pruning group importance)."""
+    from lightning_latency.pruning.activation import ActivationImportance
+
+    if config.importance == "activation" or isinstance(config.importance, ActivationImportance):
+        raise ValueError(f"`importance`='activation' scores whole heads and neurons (structured mode); for "
+                         f"mode={config.mode.value!r} pass 'l1', 'l2', 'taylor' or a callable (name, weight) -> scores.")
     if type(config.importance).__module__.startswith("torch_pruning"):
         raise ValueError(
             f"`importance`={type(config.importance).__name__}() scores torch-pruning groups, which only structured "

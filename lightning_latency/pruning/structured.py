@@ -248,6 +248,11 @@ def _importance(config: PruningConfig) -> Any:
         return tp.importance.GroupMagnitudeImportance(p=2, normalizer=None)
     if config.importance == "taylor":
         return tp.importance.GroupTaylorImportance(normalizer=None)
+    if config.importance == "activation":
+        raise ValueError("`importance`='activation' needs statistics recorded on calibration data: pass "
+                         "importance=ActivationImportance(model, batches) (lightning_latency.pruning.activation), "
+                         "or use student_from_pruned_teacher(teacher, sparsity, importance='activation', "
+                         "calibration=batches).")
     return config.importance
 
 
