@@ -124,3 +124,41 @@ def test_offline_with_the_whole_vocabulary_equals_the_live_teacher(tmp_path: Pat
     trainer = Trainer(**trainer_kwargs(tmp_path, max_steps=1))
     trainer.fit(DistillationModule(student, None, loss=loss), DataLoader(TopKLogitsDataset(ds, tmp_path / "full"), batch_size=4))
     assert trainer.global_step == 1
+
+
+def test_an_interrupted_cache_resumes_where_it_stopped_and_equals_an_uninterrupted_one(tmp_path: Path) -> None:
+    """A preempted caching run leaves whole shards and no meta.pt; the rerun keeps them and runs the teacher on the
+    rest only; the result is the cache an uninterrupted run writes."""
+    teacher, ds = tiny_llama(layers=1), LMDataset(10, 8, 0)
+    calls = {"n": 0}
+
+    def counting(module: torch.nn.Module, args: tuple, kwargs: dict) -> None:
+        calls["n"] += 1
+
+    class Preempted(Exception):
+        pass
+
+    def preempted_after(n: int):
+        for i, batch in enumerate(DataLoader(ds, batch_size=3)):
+            if i == n:
+                raise Preempted
+            yield batch
+
+    cache_teacher_topk(teacher, DataLoader(ds, batch_size=3), tmp_path / "full", k=8, progress=False)
+    with pytest.raises(Preempted):
+        cache_teacher_topk(teacher, preempted_after(2), tmp_path / "part", k=8, progress=False)
+    assert sorted(p.name for p in (tmp_path / "part").iterdir()) == ["shard_000000.pt", "shard_000001.pt"]
+    with pytest.raises(ValueError, match=r"meta.pt missing"):
+        TopKLogitsDataset(ds, tmp_path / "part")
+    handle = teacher.register_forward_pre_hook(counting, with_kwargs=True)
+    cache_teacher_topk(teacher, DataLoader(ds, batch_size=3), tmp_path / "part", k=8, progress=False)
+    handle.remove()
+    assert calls["n"] == 2  # 4 batches of which 2 were already cached
+    assert torch.load(tmp_path / "part" / "meta.pt", weights_only=True)["resumed_shards"] == 2
+    full, part = TopKLogitsDataset(ds, tmp_path / "full"), TopKLogitsDataset(ds, tmp_path / "part")
+    for i in range(len(ds)):
+        assert torch.equal(full[i]["teacher_topk_values"], part[i]["teacher_topk_values"])
+        assert torch.equal(full[i]["teacher_topk_indices"], part[i]["teacher_topk_indices"])
+    # another k or another batch size is recomputed, not mixed in
+    cache_teacher_topk(teacher, DataLoader(ds, batch_size=5), tmp_path / "part", k=8, progress=False)
+    assert torch.load(tmp_path / "part" / "meta.pt", weights_only=True)["resumed_shards"] == 0

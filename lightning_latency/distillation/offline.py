@@ -41,17 +41,24 @@ def cache_teacher_topk(
     batch_to_inputs: Callable[[Any], dict[str, Any]] | None = None,
     device: str | torch.device | None = None,
     progress: bool = True,
+    resume: bool = True,
 ) -> Path:
     """Store the teacher's top-``k`` logits for every item of ``loader`` (which must not shuffle).
+
+    Resumable: shards are written atomically (a temporary file, then a rename) and ``meta.pt`` last, so an
+    interrupted run leaves only whole shards and no ``meta.pt`` (which :class:`TopKLogitsDataset` refuses). Called
+    again on the same folder with ``resume=True``, it keeps every shard that matches its batch (item count, and
+    ``k``) and runs the teacher on the rest only: a cache over a whole training split survives a preemption.
 
     Args:
         teacher: any model returning logits ``(batch, classes)`` or ``(batch, seq, vocab)`` (``.logits`` or tensor).
         loader: the data, in the order :class:`TopKLogitsDataset` will later read it.
-        path: output folder (created); existing shard files are overwritten.
+        path: output folder (created); with ``resume=False`` existing shard files are overwritten.
         k: how many logits to keep per position (capped at the vocabulary size).
         batch_to_inputs: batch -> teacher keyword inputs; default: the dict batch minus ``labels``.
         device: where to run the teacher; default: where its parameters are.
         progress: show a tqdm progress bar (stderr).
+        resume: keep the matching shards of an earlier, interrupted run of the same loader (see above).
 
     Returns:
         The folder.
@@ -69,20 +76,44 @@ def cache_teacher_topk(
     device = torch.device(device) if device is not None else next(teacher.parameters()).device
     was_training = teacher.training
     teacher.eval()
-    count = 0
+    count, kept, width, shards = 0, 0, k, 0
+    (out / "meta.pt").unlink(missing_ok=True)  # a folder being (re)written is not a finished cache
     try:
         for i, batch in enumerate(tqdm(loader, desc="teacher top-k", disable=not progress)):
+            shard = out / f"shard_{i:06d}.pt"
             inputs = {key: v.to(device) if isinstance(v, Tensor) else v for key, v in to_inputs(batch).items()}
+            done = _matching_shard(shard, inputs, k) if resume else None
+            if done is not None:
+                count, kept, width, shards = count + done.shape[0], kept + 1, done.shape[-1], i + 1
+                continue
             logits = output_logits(teacher(**inputs)).float()
-            kk = min(k, logits.shape[-1])
-            values, indices = logits.topk(kk, dim=-1)
-            torch.save({"values": values.half().cpu(), "indices": indices.int().cpu()}, out / f"shard_{i:06d}.pt")
-            count += logits.shape[0]
+            width = min(k, logits.shape[-1])
+            values, indices = logits.topk(width, dim=-1)
+            tmp = shard.with_suffix(".tmp")
+            torch.save({"values": values.half().cpu(), "indices": indices.int().cpu()}, tmp)
+            tmp.replace(shard)  # atomic: a crash leaves the old shard or the new one, never half a file
+            count, shards = count + logits.shape[0], i + 1
     finally:
         teacher.train(was_training)
-    torch.save({"k": min(k, logits.shape[-1]) if count else k, "count": count, "shards": i + 1 if count else 0},
-               out / "meta.pt")
+    torch.save({"k": width, "count": count, "shards": shards, "resumed_shards": kept}, out / "meta.pt")
     return out
+
+
+def _matching_shard(shard: Path, inputs: Mapping[str, Any], k: int) -> Tensor | None:
+    """The stored values of ``shard`` when it is a whole shard of this batch (same items, same positions, k),
+    else None (missing, damaged, or from another loader: it is recomputed)."""
+    if not shard.exists():
+        return None
+    try:
+        values = torch.load(shard, weights_only=True)["values"]
+    except Exception:  # a damaged file is recomputed, not trusted
+        return None
+    first = next((v for v in inputs.values() if isinstance(v, Tensor) and v.dim() > 0), None)
+    if first is None or values.shape[0] != first.shape[0] or values.shape[-1] > k:
+        return None
+    if values.dim() == 3 and first.dim() >= 2 and values.shape[1] != first.shape[1]:
+        return None
+    return values
 
 
 class TopKLogitsDataset(Dataset):
