@@ -47,17 +47,6 @@ def _tiny_llama(vocab: int) -> torch.nn.Module:
                                         num_key_value_heads=2, intermediate_size=128, tie_word_embeddings=True))
 
 
-def _distil(student: torch.nn.Module, teacher: torch.nn.Module, train: Any, s: dict[str, Any],
-            callbacks: list[Any]) -> torch.nn.Module:
-    from lightning_latency import DistillationLoss, DistillationModule
-
-    module = DistillationModule(student.train(), tasks.frozen_copy(teacher), loss=DistillationLoss(temperature=1.0),
-                                alpha=0.5, lr=2e-4)
-    loader = DataLoader(train, batch_size=s["batch"], shuffle=True, generator=torch.Generator().manual_seed(0))
-    tasks.fit(module, loader, s["steps"], callbacks=callbacks)
-    return module.student.eval()
-
-
 def _uniform(teacher: torch.nn.Module, calibration: list[Any], fraction: float) -> torch.nn.Module:
     from lightning_latency.distillation import student_from_pruned_teacher
 
@@ -88,7 +77,8 @@ def main(quick: bool = False) -> list[dict[str, str]]:
 
     budget = LatencyBudgetPruning(target_tokens_per_s=target_tps, latency_fn=tpot, start_step=5, every_n_steps=5,
                                   steps=2, calibration_batches=2, fractions=(0.5,), max_fraction=0.5, depth=True)
-    student = _distil(copy.deepcopy(teacher), teacher, train, s, [budget])
+    student = tasks.distil_lm(copy.deepcopy(teacher), teacher, train, s["steps"], s["batch"], 2e-4,
+                              callbacks=[budget])
     budget_ms = settled(student)
     budget_ppl = tasks.perplexity(student, test)
     moves = budget.allocation
@@ -104,7 +94,7 @@ def main(quick: bool = False) -> list[dict[str, str]]:
             low = mid
         else:
             high = mid
-    uniform = _distil(_uniform(teacher, calibration, high), teacher, train, s, [])
+    uniform = tasks.distil_lm(_uniform(teacher, calibration, high), teacher, train, s["steps"], s["batch"], 2e-4)
     uniform_ms = settled(uniform)
     uniform_ppl = tasks.perplexity(uniform, test)
 

@@ -7,7 +7,11 @@ Rows (batch 1, prompt 64, 64 new tokens, greedy, 2 threads, interleaved rounds, 
 * **ours Q8_0 / ours Q4_0** — :func:`~lightning_latency.quantization.gguf.export_gguf` of the fp32 teacher
   (dequantized from that Q4_1 file), the tied embedding / output at Q8_0 like the shipped file. Sanity check: ours
   Q4_0 should decode at llama.cpp's own Q4_0 speed; a gap
-  means a layout or type difference in our file, not a model difference.
+  means a layout or type difference in our file, not a model difference;
+* **ours student Q4_0** — the product's answer to "just run llama.cpp": ``BENCH_LLAMACPP_STUDENT_LAYERS`` (default
+  6 of 30) whole layers removed by block importance (``student_from_pruned_teacher(layers_removed=...)``), then 60
+  steps of KD from the teacher on BBC training blocks with Q4_0 GGUF-grid QAT (``prepare_gguf_qat``) in the same
+  fit, exported at Q4_0 (the file holds the trained weights bit for bit). ``=0`` skips it.
 
 Perplexity runs through the runtime (:func:`~lightning_latency.latency.llamacpp.llamacpp_perplexity`) on held-out
 BBC articles (``tasks.bbc_lm_splits``' test split; nothing trains on it here). The llama.cpp build's ISA line
@@ -18,12 +22,13 @@ AVX2: on an AVX-512 machine its rows are a lower bound for llama.cpp).
 Where llama.cpp cannot load (neither ``llama-cpp-py-sync``, glibc >= 2.38, nor ``llama-cpp-cffi``'s CPU extension)
 the runtime rows say why and only the export rows (size, export time) remain.
 
-Run from the repository root: ``python -m benchmarks.bench_llamacpp`` (~5 min on a quiet 2-core machine),
+Run from the repository root: ``python -m benchmarks.bench_llamacpp`` (~10 min on a quiet 2-core machine),
 ``--quick`` (a tiny random Llama with the real tokenizer; smoke run, numbers not meaningful).
 """
 
 from __future__ import annotations
 
+import os
 import statistics
 import tempfile
 import time
@@ -50,8 +55,8 @@ from lightning_latency.quantization.gguf import export_gguf
 
 def _settings(quick: bool) -> dict[str, Any]:
     if quick:
-        return dict(prompt=16, new=8, rounds=1, ppl_blocks=2, seq=64)
-    return dict(prompt=64, new=64, rounds=5, ppl_blocks=32, seq=128)
+        return dict(prompt=16, new=8, rounds=1, ppl_blocks=2, seq=64, train_blocks=16, kd_steps=2, batch=2)
+    return dict(prompt=64, new=64, rounds=5, ppl_blocks=32, seq=128, train_blocks=512, kd_steps=60, batch=4)
 
 
 def _tiny_llama(vocab: int) -> Any:
@@ -68,12 +73,30 @@ def _spread(values: list[float]) -> str:
     return f"(max-min)/median {100 * (max(values) - min(values)) / med:.0f}%" if len(values) > 1 and med else ""
 
 
+def _student(teacher: Any, train: Any, layers: int, steps: int, batch: int) -> Any:
+    """Our student for llama.cpp: ``layers`` whole layers removed by block importance, then KD with Q4_0 GGUF-grid
+    QAT in the same fit, so the exported Q4_0 file holds the trained weights bit for bit."""
+    from torch.utils.data import DataLoader, Subset
+
+    from lightning_latency.distillation import student_from_pruned_teacher
+    from lightning_latency.quantization.weight_only_qat import prepare_gguf_qat
+
+    calibration = [{"input_ids": b["input_ids"], "labels": b["labels"]}
+                   for b in DataLoader(Subset(train, range(4 * batch)), batch_size=batch)]
+    student = student_from_pruned_teacher(teacher, 0.0, layers_removed=layers, calibration=calibration)
+    student.model.embed_tokens.requires_grad_(False)  # tied with lm_head
+    prepare_gguf_qat(student, "Q4_0")
+    return tasks.distil_lm(student, teacher, train, steps, batch, 2e-4)
+
+
 def main(quick: bool = False, threads: int = 2) -> list[dict[str, str]]:
     s = _settings(quick)
     teacher, tokenizer = assets.load_smollm2()
     if quick:
         teacher = _tiny_llama(len(tokenizer))
-    _, bbc_test = tasks.bbc_lm_splits(tokenizer, seq_len=s["seq"], n_train=1, n_test=s["ppl_blocks"])
+    layers = int(os.environ.get("BENCH_LLAMACPP_STUDENT_LAYERS", "1" if quick else "6"))
+    train, bbc_test = tasks.bbc_lm_splits(tokenizer, seq_len=s["seq"], n_train=s["train_blocks"] if layers else 1,
+                                          n_test=s["ppl_blocks"])
     held_out = bbc_test.encodings["input_ids"].flatten().tolist()
     prompt = held_out[: s["prompt"]]
     rows: list[dict[str, str]] = []
@@ -86,6 +109,15 @@ def main(quick: bool = False, threads: int = 2) -> list[dict[str, str]]:
                                              embedding_qtype="Q8_0")
         rows.append(row("llamacpp", f"export {qtype}", f"{files[f'ours {qtype}'].stat().st_size / 2**20:.1f} MB",
                         note=f"export_gguf {time.perf_counter() - start:.1f} s"))
+    if layers:
+        start = time.perf_counter()
+        student = _student(teacher, train, layers, s["kd_steps"], s["batch"])
+        name = f"ours student Q4_0 (-{layers} layers, KD+QAT)"
+        files[name] = export_gguf(student, tmp / "student.Q4_0.gguf", qtype="Q4_0", tokenizer=tokenizer,
+                                  embedding_qtype="Q8_0")
+        rows.append(row("llamacpp", f"student: {layers} of {len(teacher.model.layers)} layers removed (block "
+                                    f"importance), {s['kd_steps']} KD steps with Q4_0 QAT",
+                        f"{files[name].stat().st_size / 2**20:.1f} MB", note=f"{time.perf_counter() - start:.0f} s"))
     reason = llamacpp_unavailable()
     if reason is not None:
         rows.append(row("llamacpp", "runtime", "skipped", note=reason.splitlines()[0][:160]))

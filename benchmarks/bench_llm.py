@@ -108,18 +108,6 @@ def _variants(base: nn.Module, prefix: str = "") -> dict[str, tuple[nn.Module, b
     return out
 
 
-def _distil(student: nn.Module, teacher: nn.Module, train: Any, steps: int, batch: int, lr: float,
-            seed: int = 0) -> nn.Module:
-    """KD (forward KL + LM loss) of ``student`` from ``teacher`` in one Lightning fit; returns the student (eval)."""
-    from lightning_latency import DistillationLoss, DistillationModule
-
-    module = DistillationModule(student.train(), tasks.frozen_copy(teacher), loss=DistillationLoss(temperature=1.0),
-                                alpha=0.5, lr=lr)
-    tasks.fit(module, DataLoader(train, batch_size=batch, shuffle=True, generator=torch.Generator().manual_seed(seed)),
-              steps)
-    return module.student.eval()
-
-
 def _students(teacher: nn.Module, train: Any, s: dict[str, Any]) -> dict[str, tuple[nn.Module, bool]]:
     """Pruned + KD student in fp32, int4 PTQ of it, and int4 QAT+KD of it (same total steps as the fp32 one)."""
     from lightning_latency.distillation import student_from_pruned_teacher
@@ -128,11 +116,11 @@ def _students(teacher: nn.Module, train: Any, s: dict[str, Any]) -> dict[str, tu
                    for b in DataLoader(Subset(train, range(min(len(train), 4 * s["batch"]))), batch_size=s["batch"])]
     student = student_from_pruned_teacher(teacher, 0.25, importance="taylor", calibration=calibration)
     student.model.embed_tokens.requires_grad_(False)  # tied with lm_head
-    student = _distil(student, teacher, train, s["kd_steps"], s["batch"], 3e-4, seed=0)
+    student = tasks.distil_lm(student, teacher, train, s["kd_steps"], s["batch"], 3e-4, seed=0)
     qat = copy.deepcopy(student)
-    fp32 = _distil(student, teacher, train, s["qat_steps"], s["batch"], 1e-4, seed=1)
+    fp32 = tasks.distil_lm(student, teacher, train, s["qat_steps"], s["batch"], 1e-4, seed=1)
     prepare_weight_only_qat(qat, bits=4, group_size=32)
-    qat = _distil(qat, teacher, train, s["qat_steps"], s["batch"], 1e-4, seed=1)
+    qat = tasks.distil_lm(qat, teacher, train, s["qat_steps"], s["batch"], 1e-4, seed=1)
     convert_weight_only_qat(qat)
     ptq = copy.deepcopy(fp32)
     quantize_weight_only(ptq, bits=4, group_size=32)  # same layers as the QAT student (lm_head included)

@@ -268,11 +268,24 @@ def frozen_copy(model: nn.Module) -> nn.Module:
     return clone
 
 
+def distil_lm(student: nn.Module, teacher: nn.Module, train: Dataset, steps: int, batch: int, lr: float,
+              seed: int = 0, callbacks: Sequence[Any] = ()) -> nn.Module:
+    """KD (forward KL at T=1 + LM loss, alpha 0.5) of ``student`` from a frozen copy of ``teacher`` in one quiet
+    Lightning fit over shuffled ``train`` (seeded order); returns the student in eval mode."""
+    from lightning_latency import DistillationLoss, DistillationModule
+
+    module = DistillationModule(student.train(), frozen_copy(teacher), loss=DistillationLoss(temperature=1.0),
+                                alpha=0.5, lr=lr)
+    loader = DataLoader(train, batch_size=batch, shuffle=True, generator=torch.Generator().manual_seed(seed))
+    fit(module, loader, steps, callbacks=callbacks)
+    return module.student.eval()
+
 __all__ = [
     "EncodedDataset",
     "accuracy",
     "bbc_lm_splits",
     "cached_weights",
+    "distil_lm",
     "finetune",
     "fit",
     "frozen_copy",
