@@ -279,7 +279,8 @@ def _check_plan_arguments(report: PrecisionReport, budget_mb: Any, max_loss_incr
         if budget_mb * _MB < report.min_mb * _MB * (1 - 1e-12):
             raise ValueError(f"`budget_mb`={budget_mb:g} is below the size with every selected linear at "
                              f"{_label(report.bits, report.group_size)} ({reachable}). Pass budget_mb >= "
-                             f"{report.min_mb:.4f}, a lower `bits`, or fewer `targets`.")
+                             f"{report.min_mb:.4f}, " + ("bits=4, " if report.bits == 8 else "")
+                             + "or select fewer linears (`targets` / `exclude`), or prune first.")
         if budget_mb * _MB > report.max_mb * _MB * (1 + 1e-12):
             raise ValueError(f"`budget_mb`={budget_mb:g} is above the size with every selected linear at "
                              f"{_label(report.fallback, report.group_size)} ({reachable}), so nothing needs the low "
