@@ -250,3 +250,10 @@ def test_exported_at_the_top_level() -> None:
 
     assert lightning_latency.precision_sensitivity is precision_sensitivity
     assert lightning_latency.quantize_mixed is quantize_mixed
+
+
+def test_kernel_shape_and_bare_linear_errors() -> None:
+    with pytest.raises(ValueError, match="`group_size`=32 does not divide in_features=40 of layer '0'"):
+        precision_sensitivity(nn.Sequential(nn.Linear(40, 32)), _never, [torch.randn(2, 40)])
+    with pytest.raises(ValueError, match="`model` is itself an nn.Linear.*nn.Sequential"):
+        precision_sensitivity(nn.Linear(64, 32), _never, [torch.randn(2, 64)])
