@@ -10,6 +10,8 @@
 * :class:`~lightning_latency.quantization.callback.QuantizationAwareTraining` — the Lightning callback.
 * GGUF for llama.cpp: :func:`~.gguf.export_gguf` (``gguf.py``), QAT on GGUF's own Q8_0/Q4_0 grids
   (:func:`~.weight_only_qat.prepare_gguf_qat`, the grids in ``gguf_grid.py``).
+* Mixed precision by sensitivity: :func:`precision_sensitivity`, :func:`plan_precision`, :func:`quantize_mixed`
+  (``mixed.py``): which linears keep a higher precision under a size budget, measured instead of hand-written.
 """
 
 from __future__ import annotations
@@ -18,6 +20,14 @@ from typing import Any
 
 from lightning_latency.quantization.config import DEFAULT_EXCLUDE, DEFAULT_SKIP, Backend, QuantizationConfig, Scheme
 from lightning_latency.quantization.controller import RESERVED_KEY, Phase, QATController
+from lightning_latency.quantization.mixed import (
+    PrecisionPlan,
+    PrecisionReport,
+    PrecisionRow,
+    plan_precision,
+    precision_sensitivity,
+    quantize_mixed,
+)
 from lightning_latency.quantization.presets import PRESETS, Preset
 from lightning_latency.quantization.qat import (
     check_qat,
@@ -56,6 +66,9 @@ __all__ = [
     "DeployReport",
     "DeployedModel",
     "Phase",
+    "PrecisionPlan",
+    "PrecisionReport",
+    "PrecisionRow",
     "Preset",
     "QATController",
     "QuantizationAwareTraining",
@@ -69,7 +82,10 @@ __all__ = [
     "is_converted",
     "is_prepared",
     "load_deployed",
+    "plan_precision",
+    "precision_sensitivity",
     "prepare_qat",
+    "quantize_mixed",
     "select_modules",
     "strip_qat",
     "unconvert_qat",
