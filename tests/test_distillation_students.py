@@ -48,7 +48,7 @@ def test_structurally_pruned_student_is_smaller_and_the_teacher_is_untouched() -
     assert sum(p.numel() for p in teacher.parameters()) == n_teacher
     ids = torch.randint(0, 128, (2, 8))
     assert student(input_ids=ids).logits.shape == teacher(input_ids=ids).logits.shape  # same vocabulary
-    with pytest.raises(ValueError, match=r"`sparsity` must be in \(0, 1\), got 1.0"):
+    with pytest.raises(ValueError, match=r"`sparsity` must be in \(0, 1\) \(or 0 with layers_removed > 0\), got 1.0"):
         student_from_pruned_teacher(teacher, sparsity=1.0)
 
 

@@ -81,7 +81,7 @@ def test_student_from_pruned_teacher_with_activation_importance() -> None:
     torch.testing.assert_close(student.model.layers[0].mlp.down_proj.weight,
                                teacher.model.layers[0].mlp.down_proj.weight[:, alive])
     assert student.eval().generate(_batches(1)[0]["input_ids"][:1, :5], max_new_tokens=3).shape == (1, 8)
-    with pytest.raises(ValueError, match=r"'taylor'/'activation' and `layers_removed` score the model on data"):
+    with pytest.raises(ValueError, match=r"`importance`='activation' scores the model on data, but no `calibration`"):
         student_from_pruned_teacher(teacher, 0.25, importance="activation")
 
 

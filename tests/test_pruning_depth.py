@@ -144,7 +144,7 @@ def test_student_from_pruned_teacher_removes_layers_then_width() -> None:
     depth_only = student_from_pruned_teacher(teacher, 0.0, layers_removed=2, calibration=_calibration())
     assert len(skipped_layers(depth_only)) == 2 and structure(depth_only) == {
         k: v for k, v in structure(teacher).items() if k.startswith("model.layers.0")}
-    with pytest.raises(ValueError, match=r"`layers_removed` score the model on data, but no `calibration`"):
+    with pytest.raises(ValueError, match=r"`layers_removed`=1 ranks layers on data, but no `calibration`"):
         student_from_pruned_teacher(teacher, 0.0, layers_removed=1)
     with pytest.raises(ValueError, match=r"`sparsity` must be in \(0, 1\) \(or 0 with layers_removed > 0\), got 0"):
         student_from_pruned_teacher(teacher, 0.0)

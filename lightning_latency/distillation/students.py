@@ -121,11 +121,11 @@ def student_from_pruned_teacher(
     from lightning_latency.pruning.depth import prune_depth
 
     config = PruningConfig(mode="structured", **config_kwargs)
-    if (config.importance in ("taylor", "activation") or layers_removed) and calibration is None:
-        raise ValueError("`importance`='taylor'/'activation' and `layers_removed` score the model on data, but no "
-                         "`calibration` "
-                         "batches were given. Pass calibration=[{'input_ids': ..., 'labels': ...}, ...] (a few "
-                         "training batches).")
+    if calibration is None and (config.importance in ("taylor", "activation") or layers_removed):
+        what = (f"`importance`={config.importance!r} scores the model" if config.importance in ("taylor", "activation")
+                else f"`layers_removed`={layers_removed} ranks layers")
+        raise ValueError(f"{what} on data, but no `calibration` batches were given. Pass calibration=[{{'input_ids': "
+                         f"..., 'labels': ...}}, ...] (a few training batches).")
     student = copy.deepcopy(teacher).requires_grad_(True)
     if layers_removed:
         calibration = list(calibration)
