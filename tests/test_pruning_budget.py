@@ -179,7 +179,13 @@ def test_resume_gives_the_same_allocation(tmp_path: Path) -> None:
     _run(tmp_path / "a", full, full_callbacks, max_steps=8, enable_checkpointing=True)
     checkpoint = tmp_path / "ckpt" / "epoch=0-step=4.ckpt"  # after the first two pruning steps
     assert checkpoint.exists()
-    resumed, resumed_callbacks = HFModule(kind="bert"), callbacks(tmp_path / "ckpt_b")
+    _resume_matches(tmp_path, checkpoint, HFModule(kind="bert"), callbacks, full, full_callbacks)
+
+
+def _resume_matches(tmp_path: Path, checkpoint: Path, resumed: HFModule, callbacks: Any, full: HFModule,
+                    full_callbacks: list) -> None:
+    """Resume a fresh module from ``checkpoint``: the same allocation, structure and weights as the full run."""
+    resumed_callbacks = callbacks(tmp_path / "ckpt_b")
     _run(tmp_path / "b", resumed, resumed_callbacks, ckpt_path=str(checkpoint), max_steps=8,
          enable_checkpointing=True)
     assert resumed_callbacks[0].allocation == full_callbacks[0].allocation
@@ -395,13 +401,7 @@ def test_resume_with_depth_gives_the_same_allocation_and_weights(tmp_path: Path)
     checkpoint = tmp_path / "ckpt" / "epoch=0-step=4.ckpt"
     saved = torch.load(checkpoint, map_location="cpu", weights_only=False)["state_dict"]
     assert saved and not any(k.startswith("model.bert.encoder.layer.2.") for k in saved)
-    resumed, resumed_callbacks = HFModule(model=tiny_bert(layers=3)), callbacks(tmp_path / "ckpt_b")
-    _run(tmp_path / "b", resumed, resumed_callbacks, ckpt_path=str(checkpoint), max_steps=8,
-         enable_checkpointing=True)
-    assert resumed_callbacks[0].allocation == full_callbacks[0].allocation
-    assert structure(resumed) == structure(full)
-    for key, value in full.state_dict().items():
-        torch.testing.assert_close(resumed.state_dict()[key], value, rtol=1e-5, atol=1e-6, msg=key)
+    _resume_matches(tmp_path, checkpoint, HFModule(model=tiny_bert(layers=3)), callbacks, full, full_callbacks)
 
 
 def test_landing_brings_the_last_removals_within_five_percent_of_the_target() -> None:

@@ -35,6 +35,7 @@ class ActivationImportance:
     """
 
     def __init__(self, model: nn.Module, calibration: Iterable[Any]) -> None:
+        from lightning_latency.pruning.calibration import forward_calibration
         from lightning_latency.pruning.structured import find_blocks
 
         batches = list(calibration)
@@ -53,17 +54,7 @@ class ActivationImportance:
             sums[id(module)] = sums.get(id(module), 0) + x.sum(0)
             counts[id(module)] = counts.get(id(module), 0) + x.shape[0]
 
-        handles = [layer.register_forward_pre_hook(record) for layer in layers]
-        was_training = model.training
-        model.eval()
-        try:
-            with torch.no_grad():
-                for batch in batches:
-                    model(**{k: v for k, v in batch.items() if k != "labels"})
-        finally:
-            for h in handles:
-                h.remove()
-            model.train(was_training)
+        forward_calibration(model, batches, [layer.register_forward_pre_hook(record) for layer in layers])
         self.stats = {key: (sums[key] / counts[key]).cpu() for key in sums}
         self.widths = {key: len(value) for key, value in self.stats.items()}
 

@@ -133,16 +133,10 @@ def block_importance(model: nn.Module, calibration: Any) -> dict[str, float]:
             counts[name] += cos.numel()
         return record
 
-    handles = [layer.register_forward_hook(hook(name), with_kwargs=True) for name, layer in layers.items()]
-    was_training = model.training
-    model.eval()
-    try:
-        for batch in batches:
-            model(**{k: v for k, v in batch.items() if k != "labels"})
-    finally:
-        for h in handles:
-            h.remove()
-        model.train(was_training)
+    from lightning_latency.pruning.calibration import forward_calibration
+
+    forward_calibration(model, batches, [layer.register_forward_hook(hook(name), with_kwargs=True)
+                                         for name, layer in layers.items()])
     return {name: sums[name] / max(counts[name], 1) for name in layers}
 
 
