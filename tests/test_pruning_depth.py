@@ -39,8 +39,7 @@ def test_skip_layer_removes_its_weights_keeps_other_names_and_runs(build) -> Non
     assert set(structure(model)) == kept  # the other layers' blocks keep their names
     with torch.no_grad():
         out = model(input_ids=_ids()).logits
-    assert out.shape[:2] == (2, 12) or out.shape[0] == 2
-    assert torch.isfinite(out).all()
+    assert out.shape[0] == 2 and torch.isfinite(out).all()
 
 
 def test_skipped_layer_is_the_identity_on_the_residual_stream() -> None:

@@ -192,8 +192,7 @@ class BudgetPruner:
         if self._trial(model, nxt) < low:
             later = self.plan[self.applied + 1:] + self.reserve
             smaller = [m for m in later if 0 < self.savings.get(m, 0.0) <= self.savings.get(nxt, 0.0)]
-            choice = next((k for k, m in enumerate(smaller[:8]) if self._trial(model, m) >= low), None)
-            choice = (later.index(smaller[choice]) if choice is not None else None)
+            choice = next((later.index(m) for m in smaller[:8] if self._trial(model, m) >= low), None)
         if broadcast is not None:
             choice = broadcast(choice)
         if choice is None:
