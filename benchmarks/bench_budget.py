@@ -6,7 +6,10 @@ The deployment form is chosen by measurement at the start of the run: the dense 
 int8 and fp32 (forms that build in ~2 s, so every candidate of the sensitivity pass can be deployed) and timed
 beside eager fp32, batch 1, seq 48, 2 threads, interleaved rounds; the fastest is "the deployed form"
 (``BENCH_BUDGET_FORM`` forces one). Budget = 40% of the dense model's deployed p50 (``BENCH_BUDGET_FRACTION``).
-Every latency below, in the fit and after it, is the p50 of that deployed form. Per paired seed:
+Every latency below, in the fit and after it, is the p50 of that deployed form, timed side by side with the dense
+deployed form (``deployed_latency_fn(reference=dense)``: rounds of candidate, dense, dense, candidate) and given on
+the scale of the dense p50 taken when the budget was set, so the machine's drift over the ~25 min run cancels. Per
+paired seed:
   * budget: ``LatencyBudgetPruning(depth=True)`` (sensitivity of every layer's heads, MLP neurons and the whole
     layer on 4 training batches, each candidate deployed and timed; plan; prune at steps 10/20/30 measuring after
     every removal; then recover) for ``STEPS`` steps of fine-tuning;
@@ -61,11 +64,17 @@ class _Classifier:
         return Module()
 
 
+def _settings(quick: bool) -> Any:
+    from lightning_latency.latency import LatencyConfig
+
+    return LatencyConfig(warmup=2, min_runs=8 if quick else 15, max_time_s=0.5 if quick else 1.0)
+
+
 def _forms(inputs: dict[str, torch.Tensor], quick: bool) -> dict[str, Any]:
     """``{form: latency_fn}``: eager fp32 and the two ONNX Runtime deployment forms, same timing settings."""
-    from lightning_latency.latency import LatencyConfig, deployed_latency_fn, measure_latency
+    from lightning_latency.latency import deployed_latency_fn, measure_latency
 
-    settings = LatencyConfig(warmup=2, min_runs=8 if quick else 15, max_time_s=0.5 if quick else 1.0)
+    settings = _settings(quick)
     forms: dict[str, Any] = {"eager": lambda model: measure_latency(model, inputs, settings).p50_ms}
     for backend in ("ort_int8", "ort"):
         forms[backend] = deployed_latency_fn(inputs, backend, latency=settings)
@@ -118,8 +127,12 @@ def main(quick: bool = False) -> list[dict[str, str]]:
             dense[name].append(fn(teacher))
     dense_p50 = {name: min(v) for name, v in dense.items()}
     form = os.environ.get("BENCH_BUDGET_FORM") or min(dense_p50, key=dense_p50.get)
-    fn = forms[form]
-    dense_ms = dense_p50[form]
+    fn, dense_ms = forms[form], dense_p50[form]
+    if form != "eager":  # every later figure timed beside the dense deployed form, on its scale: drift cancels
+        from lightning_latency.latency import deployed_latency_fn
+
+        fn = deployed_latency_fn(inputs, form, latency=_settings(quick), reference=teacher)
+        dense_ms = fn.anchor_ms
     fraction = float(os.environ.get("BENCH_BUDGET_FRACTION", "0.4"))
     target = fraction * dense_ms
     dense_acc = tasks.accuracy(_deployed(teacher, inputs, form), test, 1, static=True, keys=keys)

@@ -296,23 +296,51 @@ def test_deploy_backend_deploys_every_candidate_of_the_sensitivity_pass(tmp_path
 
     def fake_deployed_copy(model: nn.Module, inputs: Any, backend: str, config: Any = None, info: Any = None):
         deployed.append({"backend": backend, "structure": structure(model)})
-        return (lambda **kw: torch.zeros(1)), {"backend": backend}
+        return SimpleNamespace(structure=deployed[-1]["structure"]), {"backend": backend}
 
     monkeypatch.setattr(final, "deployed_copy", fake_deployed_copy)
-    # the deployed form's p50: the fake latency of the structure that was deployed last
+    # a deployed form's p50: the fake latency of the structure it was deployed from
     monkeypatch.setattr(final, "measure_latency", lambda fast, inputs, config=None: SimpleNamespace(
         p50_ms=FIXED_MS + sum(v.get("heads", 0) * HEAD_MS + v.get("neurons", 0) * NEURON_MS
-                              for v in deployed[-1]["structure"].values())))
+                              for v in fast.structure.values())))
     module = HFModule(kind="bert")
-    dense = fake_latency(module.model)
+    dense, dense_structure = fake_latency(module.model), structure(module)
     inputs = {k: v[:1] for k, v in _batches(1)[0].items() if k != "labels"}
     budget = LatencyBudgetPruning(target_ms=0.55 * dense, example_inputs=inputs, deploy_backend="ort_int8",
                                   start_step=2, every_n_steps=2, steps=3, calibration_batches=2)
     _run(tmp_path, module, [budget], max_steps=8)
     units = len(prunable_units(tiny_bert())) * len(budget.pruner.fractions)
     assert {d["backend"] for d in deployed} == {"ort_int8"}
-    assert len(deployed) >= units + len(budget.history)  # every sensitivity candidate, then every pruning step
+    assert deployed[0]["structure"] == dense_structure  # the anchor: the dense model the fit starts from
+    assert len(deployed) >= 1 + units + len(budget.history)  # anchor, every sensitivity candidate, every step
+    assert budget.pruner.latency_fn.anchor_ms == pytest.approx(dense)
     assert budget.measured_ms is not None and budget.measured_ms <= 0.55 * dense
+
+
+def test_anchored_deployed_latency_cancels_machine_drift(monkeypatch) -> None:
+    """The machine slows 5% per timing (as a busy 2-core machine does over minutes): unanchored, the dense model
+    reads slower each call; anchored (timed beside the reference in candidate, reference, reference, candidate
+    order), every call gives the true ratio x the anchor."""
+    import lightning_latency.latency.final as final
+
+    clock = {"drift": 1.0}
+
+    def fake_measure(fast: Any, inputs: Any, config: Any = None) -> SimpleNamespace:
+        clock["drift"] *= 1.05
+        return SimpleNamespace(p50_ms=fast.true_ms * clock["drift"])
+
+    monkeypatch.setattr(final, "deployed_copy", lambda model, *a, **k: (SimpleNamespace(true_ms=model.true_ms), {}))
+    monkeypatch.setattr(final, "measure_latency", fake_measure)
+    dense, half = SimpleNamespace(true_ms=10.0), SimpleNamespace(true_ms=5.0)
+    plain = final.deployed_latency_fn({}, "ort")
+    assert plain(dense) < plain(dense) < plain(dense)  # drift shows as a slower model
+    anchored = final.deployed_latency_fn({}, "ort", reference=dense, rounds=2)
+    anchor = anchored.anchor_ms
+    for _ in range(4):
+        assert anchored(half) == pytest.approx(anchor * 0.5)
+        assert anchored(dense) == pytest.approx(anchor)
+    with pytest.raises(ValueError, match=r"`rounds` must be a positive integer .* got 0"):
+        final.deployed_latency_fn({}, "ort", rounds=0)
 
 
 LAYER_MS = 3.0

@@ -11,6 +11,8 @@ Lightning: the callbacks are only asked what they did (``compresses``, ``deploy_
 from __future__ import annotations
 
 import logging
+import math
+import statistics
 import warnings
 from collections.abc import Callable, Iterable
 from typing import Any
@@ -105,8 +107,49 @@ def deployed_copy(module: nn.Module, inputs: Any, backend: str, config: Any = No
     return fast, about
 
 
+class DeployedLatency:
+    """``latency_fn(model) -> p50 ms`` of the ``backend`` deployment form of ``model``; see :func:`deployed_latency_fn`.
+
+    Anchored (after :meth:`anchor`), each call times the candidate's deployment form ``c`` and the reference's
+    ``r`` in ``rounds`` rounds of ``c r r c`` and returns ``anchor_ms × median over rounds of √(c₁c₂ / r₁r₂)``: a
+    value on the scale of the reference's p50 at anchoring, from which machine drift (other work, clocks, caches:
+    ~10% between minutes on a shared 2-core machine) cancels — exactly for drift steady over a round, as the
+    symmetric order puts both forms at the same mean time.
+    """
+
+    def __init__(self, example_inputs: Any, backend: str, config: Any, settings: LatencyConfig, rounds: int) -> None:
+        self.example_inputs, self.backend, self.config, self.rounds = example_inputs, backend, config, rounds
+        self.settings = settings.replace(compile=False)
+        self.anchor_ms: float | None = None
+        self._reference: Any = None
+
+    def _build(self, model: nn.Module) -> Any:
+        return deployed_copy(model, self.example_inputs, self.backend, self.config, info=lambda _msg: None)[0]
+
+    def _time(self, fast: Any) -> float:
+        return measure_latency(fast, self.example_inputs, self.settings).p50_ms
+
+    def anchor(self, reference: nn.Module) -> float:
+        """Deploy ``reference`` once (a deep copy: later changes to it do not count) and time every later call
+        against it; returns its p50 (median of three measurements), the scale later values are given in."""
+        self._reference = self._build(reference)
+        self.anchor_ms = statistics.median(self._time(self._reference) for _ in range(3))
+        return self.anchor_ms
+
+    def _ratio(self, fast: Any) -> float:
+        c1, r1, r2, c2 = self._time(fast), self._time(self._reference), self._time(self._reference), self._time(fast)
+        return math.sqrt(c1 * c2 / (r1 * r2))
+
+    def __call__(self, model: nn.Module) -> float:
+        fast = self._build(model)
+        if self._reference is None or self.anchor_ms is None:
+            return self._time(fast)
+        return self.anchor_ms * statistics.median(self._ratio(fast) for _ in range(self.rounds))
+
+
 def deployed_latency_fn(example_inputs: Any, backend: str = "ort_int8", config: Any = None,
-                        latency: LatencyConfig | None = None) -> Callable[[nn.Module], float]:
+                        latency: LatencyConfig | None = None, reference: nn.Module | None = None,
+                        rounds: int = 2) -> DeployedLatency:
     """``latency_fn(model) -> p50 ms`` of the ``backend`` deployment form of ``model`` on ``example_inputs``.
 
     For :class:`~lightning_latency.pruning.budget_callback.LatencyBudgetPruning` (``deploy_backend=``) and
@@ -116,8 +159,16 @@ def deployed_latency_fn(example_inputs: Any, backend: str = "ort_int8", config: 
     deploys one copy per unit and fraction. ``"auto"`` is refused for that reason; run ``deploy(backend="auto")``
     once on the dense model to see which form wins on this machine.
 
+    With ``reference`` (typically the dense model; ``LatencyBudgetPruning`` anchors on the model it starts from),
+    every call is timed side by side with the reference's deployment form (``rounds`` of candidate, reference,
+    reference, candidate) and returned on
+    the scale of the reference's first p50 (:class:`DeployedLatency`): a budget of 40% of dense then means 40% of
+    the dense model *as measured next to the candidate*, not of a figure taken minutes earlier on a machine whose
+    speed has moved since.
+
     Raises:
-        ValueError: ``backend`` is not a :class:`~lightning_latency.quantization.config.Backend` name, or ``"auto"``.
+        ValueError: ``backend`` is not a :class:`~lightning_latency.quantization.config.Backend` name, or
+            ``"auto"``; ``rounds`` not a positive integer.
     """
     from lightning_latency.quantization.config import Backend, parse_enum
 
@@ -125,14 +176,15 @@ def deployed_latency_fn(example_inputs: Any, backend: str = "ort_int8", config: 
         raise ValueError("`deploy_backend`='auto' would build and time every deployment form for each candidate. "
                          "Pass the form you ship, e.g. deploy_backend='ort_int8' (deploy(model, inputs, "
                          "backend='auto') once on the dense model says which form is fastest here).")
+    if isinstance(rounds, bool) or not isinstance(rounds, int) or rounds < 1:
+        raise ValueError(f"`rounds` must be a positive integer (side-by-side timing rounds per call), got "
+                         f"{rounds!r}. E.g. rounds=2.")
     name = parse_enum(Backend, backend, "deploy_backend").value
-    settings = latency or LatencyConfig(warmup=2, min_runs=15, max_time_s=1.5)
-
-    def p50(model: nn.Module) -> float:
-        fast, _ = deployed_copy(model, example_inputs, name, config, info=lambda _msg: None)
-        return measure_latency(fast, example_inputs, settings.replace(compile=False)).p50_ms
-
-    return p50
+    fn = DeployedLatency(example_inputs, name, config, latency or LatencyConfig(warmup=2, min_runs=15, max_time_s=1.5),
+                         rounds)
+    if reference is not None:
+        fn.anchor(reference)
+    return fn
 
 
 def trained_form(module: nn.Module, config: LatencyConfig) -> str:

@@ -12,6 +12,7 @@ from typing_extensions import override
 from lightning_latency._compat import LightningModule, Trainer
 from lightning_latency._deprecation import renamed
 from lightning_latency.base import CompressionCallback, StrategyKind
+from lightning_latency.latency.final import DeployedLatency, deployed_latency_fn
 from lightning_latency.pruning.budget import LatencyFn, LossFn, Move, SensitivityReport
 from lightning_latency.pruning.budget_pruner import BudgetPruner
 from lightning_latency.pruning.optim import rebuild_optimizers, register_reshape_hook, shape_change_problem
@@ -54,7 +55,10 @@ class LatencyBudgetPruning(CompressionCallback):
         deploy_backend: with ``example_inputs``, time every candidate in that deployment form
             (:func:`~lightning_latency.latency.deployed_latency_fn`: ``"ort_int8"``, ``"ort"``, ``"x86"``, ...): the
             budget is then met by the model as it ships. Forms that build in seconds (the ONNX Runtime ones) suit
-            the sensitivity pass, which deploys one copy per unit and fraction.
+            the sensitivity pass, which deploys one copy per unit and fraction. Every measurement is timed side
+            by side with the deployed model the fit started from and given on the scale of that model's p50 at
+            setup (:class:`~lightning_latency.latency.final.DeployedLatency`), so machine drift during the fit does
+            not move the budget.
         depth: also remove whole layers (all but the first of each stack), priced by the same loss per saved ms:
             at batch 1 a layer's fixed cost is much of its time, and only depth removes it.
         start, frequency: deprecated names of ``start_step``, ``every_n_steps``.
@@ -117,8 +121,6 @@ class LatencyBudgetPruning(CompressionCallback):
             if latency_fn is not None or example_inputs is None:
                 raise ValueError(f"`deploy_backend`={deploy_backend!r} times the deployment form on `example_inputs`: "
                                  "pass example_inputs with it, and no latency_fn (a latency_fn decides the timing).")
-            from lightning_latency.latency.final import deployed_latency_fn
-
             latency_fn = deployed_latency_fn(example_inputs, deploy_backend)
         if latency_fn is None and example_inputs is None:
             raise ValueError("LatencyBudgetPruning needs `example_inputs` (timed with measure_latency) or a "
@@ -169,6 +171,9 @@ class LatencyBudgetPruning(CompressionCallback):
     # ----------------------------------------------------------------------------------------------- contract
     @override
     def validate(self, trainer: Trainer, pl_module: LightningModule, target: nn.Module, stage: str) -> None:
+        fn = self.pruner.latency_fn
+        if stage == "fit" and isinstance(fn, DeployedLatency) and fn.anchor_ms is None:
+            fn.anchor(target)  # the model the fit starts from (dense, also on a resume: weights load later)
         self.pruner.check(target, measure_floor=stage == "fit", broadcast=_from_rank_zero(trainer))
         self.add_hook(register_reshape_hook(target))  # Lightning restores the model before the callbacks
 
