@@ -51,31 +51,51 @@ def _block_data(rows: int = 64) -> np.ndarray:
     rng = np.random.default_rng(0)
     x = rng.standard_normal((rows, 64)).astype(np.float32)
     x[0, :32] = 0.0                       # an all-zero block: d = 0
-    x[1, :32] = 0.5                       # ties for the largest magnitude
+    x[1, :32] = 0.5                       # ties for the largest magnitude; Q4_1: a constant block, d = 0
     x[2, :32] = np.linspace(-1, 1, 32)    # +-max of equal magnitude, first one wins
     x[3] *= 1e-6                          # tiny scales
     x[4, :32] = -x[4, :32].__abs__()     # all negative
+    x[5] = 3.0 + x[5] * 1e-6              # Q4_1: a range far below the minimum's magnitude (fp16(d) subnormal)
+    x[6, :32] = np.repeat(np.arange(16, dtype=np.float32), 2) + np.tile([0.0, 0.5], 16)  # Q4_1: exact .5 ties
+    x[7] *= 1e4                           # large magnitudes (still inside fp16's range)
+    x[8] *= 1e-9                          # tiny enough that fp16(d) flushes to zero
     return x
 
 
-@pytest.mark.parametrize("qtype", ["Q8_0", "Q4_0"])
+BLOCK_BYTES = {"Q8_0": 34, "Q4_0": 18, "Q4_1": 20}  # fp16 d (+ fp16 m for Q4_1), then 32 integers
+
+
+@pytest.mark.parametrize("qtype", ["Q8_0", "Q4_0", "Q4_1"])
 def test_torch_grid_is_ggufs_quantizer_bit_for_bit(qtype: str) -> None:
     x = _block_data()
     kind = gguf.GGMLQuantizationType[qtype]
     reference = gguf.quants.dequantize(gguf.quants.quantize(x, kind), kind)
-    q, d = gguf_grid(torch.from_numpy(x), qtype)
-    ours = gguf_dequantize(q, d).numpy()
-    assert np.array_equal(ours, reference)
-    # The stored bytes too: fp16 scale first, then the integers (Q4_0: two nibbles per byte, low half first).
+    grid = gguf_grid(torch.from_numpy(x), qtype)
+    assert len(grid) == (3 if qtype == "Q4_1" else 2)
+    assert torch.equal(gguf_dequantize(*grid), torch.from_numpy(reference))
+    # The stored bytes too: fp16 scale first (Q4_1: then the fp16 minimum), then the integers (nibbles, low first).
     raw = gguf.quants.quantize(x, kind).reshape(-1, kind_size := gguf.GGML_QUANT_SIZES[kind][1])
-    assert kind_size == (34 if qtype == "Q8_0" else 18)
-    assert np.array_equal(raw[:, :2].view(np.float16).ravel(), d.numpy().ravel())
+    assert kind_size == BLOCK_BYTES[qtype]
+    for i, stored in enumerate(grid[1:]):
+        assert np.array_equal(raw[:, 2 * i:2 * i + 2].view(np.float16).ravel(), stored.numpy().ravel())
 
 
-def test_fake_quantize_has_a_straight_through_gradient() -> None:
+def test_q4_1_grid_on_random_weights_and_its_stored_nibbles() -> None:
+    x = torch.randn(96, 256, generator=torch.Generator().manual_seed(3)) * 0.02
+    kind = gguf.GGMLQuantizationType.Q4_1
+    raw = gguf.quants.quantize(x.numpy(), kind)
+    q, d, m = gguf_grid(x, "Q4_1")
+    assert torch.equal(gguf_dequantize(q, d, m), torch.from_numpy(gguf.quants.dequantize(raw, kind)))
+    nibbles = raw.reshape(-1, 20)[:, 4:]
+    stored = np.concatenate([nibbles & 0x0F, nibbles >> 4], axis=-1)  # low nibbles are values 0-15 of a block
+    assert np.array_equal(stored, q.reshape(-1, 32).numpy()) and int(q.min()) == 0 and int(q.max()) == 15
+
+
+@pytest.mark.parametrize("qtype", ["Q4_0", "Q4_1"])
+def test_fake_quantize_has_a_straight_through_gradient(qtype: str) -> None:
     w = torch.randn(8, 64, requires_grad=True)
-    fq = gguf_fake_quantize(w, "Q4_0")
-    assert torch.equal(fq.detach(), gguf_dequantize(*gguf_grid(w, "Q4_0")))
+    fq = gguf_fake_quantize(w, qtype)
+    assert torch.equal(fq.detach(), gguf_dequantize(*gguf_grid(w, qtype)))
     fq.sum().backward()
     assert torch.equal(w.grad, torch.ones_like(w))
 
