@@ -168,31 +168,42 @@ def _torch_logits(model, tokens: list[int]) -> np.ndarray:
 TOKENS = [3, 17, 99, 5, 64, 1, 127, 42, 8, 8, 31, 77, 2, 100, 56, 11]
 
 
-@pytest.mark.parametrize("qtype", ["F32", "Q8_0", "Q4_0"])
+def _train(model, steps: int = 3) -> None:
+    """A few SGD steps: they move the latent weights off the grid, so export must re-grid them the same way."""
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    for _ in range(steps):
+        loss = model(torch.tensor([TOKENS]), labels=torch.tensor([TOKENS])).loss
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+
+
+def _exported_linears(model, path):
+    """``(hf module, read-back weight in HF row order)`` for every block linear of the file ``path``."""
+    weights = read_gguf_weights(path)
+    for i, layer in enumerate(model.model.layers):
+        for hf, name in zip(LINEARS, GGUF_NAMES):
+            got = weights[f"blk.{i}.{name}.weight"]
+            if name in ("attn_q", "attn_k"):
+                got = unpermute_for_rope(got, 4 if name == "attn_q" else 2)
+            yield f"{i}.{name}", layer.get_submodule(hf), got
+
+
+@pytest.mark.parametrize("qtype", ["F32", "Q8_0", "Q4_0", "Q4_1"])
 def test_qat_model_exports_bit_for_bit_and_runs_the_same(qtype: str, tmp_path) -> None:
     model = untied_llama()
     if qtype != "F32":
         names = prepare_gguf_qat(model, qtype)
         assert "lm_head" in names and "model.layers.1.mlp.down_proj" in names
-        opt = torch.optim.SGD(model.parameters(), lr=0.05)
-        for _ in range(3):  # training moves the latent weights off the grid: export must re-grid them the same way
-            loss = model(torch.tensor([TOKENS]), labels=torch.tensor([TOKENS])).loss
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
+        _train(model)
     # The token embedding is a lookup QAT does not fake-quantize: written at F32 it is the trained model exactly.
     path = export_gguf(model, tmp_path / f"m.{qtype}.gguf", qtype=qtype, embedding_qtype="F32")
     weights = read_gguf_weights(path)
     fields = _fields(path)
     assert fields["general.architecture"] == "llama" and fields["llama.attention.head_count_kv"] == 2
-    for i, layer in enumerate(model.model.layers):
-        for hf, name in zip(LINEARS, GGUF_NAMES):
-            module = layer.get_submodule(hf)
-            expected = (module.fake_weight() if isinstance(module, WeightOnlyFakeQuantLinear) else module.weight)
-            got = weights[f"blk.{i}.{name}.weight"]
-            if name in ("attn_q", "attn_k"):
-                got = unpermute_for_rope(got, 4 if name == "attn_q" else 2)
-            assert np.array_equal(got, expected.detach().numpy()), (qtype, i, name)
+    for name, module, got in _exported_linears(model, path):
+        expected = (module.fake_weight() if isinstance(module, WeightOnlyFakeQuantLinear) else module.weight)
+        assert np.array_equal(got, expected.detach().numpy()), (qtype, name)
     lm = model.lm_head
     expected = lm.fake_weight() if isinstance(lm, WeightOnlyFakeQuantLinear) else lm.weight
     assert np.array_equal(weights["output.weight"], expected.detach().numpy())
@@ -220,12 +231,22 @@ def test_ptq_export_equals_the_fake_quantized_model(tmp_path) -> None:
     assert _fields(path)["general.file_type"] == 7  # MOSTLY_Q8_0
 
 
-def test_embedding_defaults_to_qtype(tmp_path) -> None:
+@pytest.mark.parametrize("qtype", ["Q4_0", "Q4_1"])
+def test_embedding_defaults_to_qtype(qtype: str, tmp_path) -> None:
     model = untied_llama()
-    reader = gguf.GGUFReader(str(export_gguf(model, tmp_path / "e.gguf", qtype="Q4_0")))
+    reader = gguf.GGUFReader(str(export_gguf(model, tmp_path / "e.gguf", qtype=qtype)))
     types = {t.name: t.tensor_type.name for t in reader.tensors}
-    assert types["token_embd.weight"] == "Q4_0" and types["blk.0.attn_norm.weight"] == "F32"
-    assert types["blk.1.ffn_down.weight"] == "Q4_0" and types["output.weight"] == "Q4_0"
+    assert types["token_embd.weight"] == qtype and types["blk.0.attn_norm.weight"] == "F32"
+    assert types["blk.1.ffn_down.weight"] == qtype and types["output.weight"] == qtype
+
+
+def test_q4_1_embedding_reads_back_as_its_grid(tmp_path) -> None:
+    model = untied_llama()
+    path = export_gguf(model, tmp_path / "e.gguf", qtype="Q8_0", embedding_qtype="Q4_1")
+    embed = model.model.embed_tokens.weight
+    got = torch.from_numpy(read_gguf_weights(path)["token_embd.weight"])
+    assert torch.equal(got, gguf_fake_quantize(embed, "Q4_1"))
+    assert _fields(path)["general.file_type"] == 7  # the file type follows `qtype`, the linears' type
 
 
 def test_f16_export_is_the_fp16_cast(tmp_path) -> None:
@@ -249,7 +270,7 @@ def test_bad_inputs_name_the_argument(tmp_path) -> None:
         export_gguf(model, tmp_path / "x.gguf", embedding_qtype="int4")
     with pytest.raises(ValueError, match="`model` must be a Hugging Face Llama-family"):
         export_gguf(tiny_gpt2(), tmp_path / "x.gguf")
-    with pytest.raises(ValueError, match="`qtype` must be one of"):
+    with pytest.raises(ValueError, match=r"`qtype` must be one of \['Q8_0', 'Q4_0', 'Q4_1'\], got 'Q4_K'"):
         prepare_gguf_qat(model, "Q4_K")
     with pytest.raises(ValueError, match="`tokenizer` must be a Hugging Face fast tokenizer"):
         export_gguf(model, tmp_path / "x.gguf", tokenizer=object())
