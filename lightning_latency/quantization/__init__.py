@@ -8,7 +8,7 @@
 * :func:`deploy` — the fast inference form, chosen by measurement with ``backend="auto"`` (``deploy.py``,
   ``choose.py``, the ONNX Runtime backend in ``onnx.py``); :func:`load_deployed` loads its saved artifact.
 * :class:`~lightning_latency.quantization.callback.QuantizationAwareTraining` — the Lightning callback.
-* GGUF for llama.cpp: :func:`~.gguf.export_gguf` (``gguf.py``), QAT on GGUF's own Q8_0/Q4_0 grids
+* GGUF for llama.cpp: :func:`~.gguf.export_gguf` (``gguf.py``), QAT on GGUF's own Q8_0/Q4_0/Q4_1 grids
   (:func:`~.weight_only_qat.prepare_gguf_qat`, the grids in ``gguf_grid.py``).
 * Mixed precision by sensitivity: :func:`precision_sensitivity`, :func:`plan_precision`, :func:`quantize_mixed`
   (``mixed.py``): which linears keep a higher precision under a size budget, measured instead of hand-written.

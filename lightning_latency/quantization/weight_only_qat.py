@@ -9,8 +9,8 @@ rounding is taken as identity, so the fp32 master weights keep training). :func:
 the same grid function on the final weights: the deployed integers, scales and zeros are those the last training
 forward used.
 
-The same mechanism trains toward llama.cpp's formats: :func:`prepare_gguf_qat` fake-quantizes on GGUF's Q8_0 / Q4_0
-block grids (:mod:`.gguf_grid`, bit for bit the reference quantizer), and :func:`~.gguf.export_gguf` writes the
+The same mechanism trains toward llama.cpp's formats: :func:`prepare_gguf_qat` fake-quantizes on GGUF's Q8_0 / Q4_0 /
+Q4_1 block grids (:mod:`.gguf_grid`, bit for bit the reference quantizer), and :func:`~.gguf.export_gguf` writes the
 weights those layers used in their last forward into the file.
 
 Prepared linears share their ``weight``/``bias`` Parameters with the originals (optimizers built before stay valid)
@@ -64,7 +64,8 @@ def fake_quantize_weight(weight: torch.Tensor, bits: int = 4, group_size: int = 
 
 
 def gguf_fake_quantize(weight: torch.Tensor, qtype: str = "Q4_0") -> torch.Tensor:
-    """``weight`` ``(out, in)`` on GGUF's ``qtype`` block grid (``"Q8_0"``/``"Q4_0"``), straight-through gradient.
+    """``weight`` ``(out, in)`` on GGUF's ``qtype`` block grid (``"Q8_0"``/``"Q4_0"``/``"Q4_1"``), straight-through
+    gradient.
 
     Equals, bit for bit, what llama.cpp dequantizes from the ``qtype`` tensor :func:`~.gguf.export_gguf` writes.
 
@@ -83,7 +84,7 @@ class WeightOnlyFakeQuantLinear(nn.Linear):
     bits: int
     group_size: int
     enabled: bool
-    gguf: str | None  # a GGUF grid ("Q8_0"/"Q4_0") instead of the packed-kernel grid; exported, not converted
+    gguf: str | None  # a GGUF grid ("Q8_0"/"Q4_0"/"Q4_1") instead of the packed-kernel grid; exported, not converted
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, bits: int = 4, group_size: int = 32,
@@ -180,7 +181,7 @@ def prepare_gguf_qat(model: nn.Module, qtype: str = "Q4_0", targets: Sequence[st
 
     Args:
         model: a Hugging Face Llama-family causal LM (or any module).
-        qtype: ``"Q8_0"`` or ``"Q4_0"``.
+        qtype: ``"Q8_0"``, ``"Q4_0"`` or ``"Q4_1"`` (asymmetric: a minimum per block, SmolLM2's shipped format).
         targets: fnmatch patterns to fake-quantize; None: every ``nn.Linear``.
         exclude: patterns never fake-quantized (fnmatch, ``"re:"``); None: embeddings, norms, classifier heads.
             ``skip``: its deprecated name.
