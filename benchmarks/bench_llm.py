@@ -8,9 +8,13 @@ One run, side by side (batch 1, prompt 64, 64 new tokens, greedy, 2 threads):
   (``_weight_int4pack_mm_for_cpu``, bf16 activations) weights, all from :func:`quantize_weight_only`
   (``lm_head`` quantized too: it is a fifth of the bytes per token). Group 128 cannot run on SmolLM2: 576, the
   input width of every attention and up/gate projection, is not a multiple of 128 (the row says so);
-* with ``--student``: a student pruned from the teacher (Taylor, 25% of query heads and MLP neurons) and distilled on
-  BBC training text, then the same student continued in fp32 and quantized to int4 after training (PTQ) vs
-  continued with int4 weight-only QAT on the deployment grid (QAT+KD), same steps for both.
+* with ``--student``, trained students (each pruned from the teacher, then distilled on BBC training blocks):
+  10% of every layer's query heads and MLP neurons by **activation** vs **Taylor** importance, same KD steps
+  (magnitude scored before recovery only); and 4 whole layers removed by block importance
+  (``BENCH_LLM_STUDENT_LAYERS``) + KD, then two branches with the same steps: fp32 (then int4 PTQ) and int4 g32
+  weight-only **QAT+KD** (the combined best), plus perplexities before recovery; and through **llama.cpp**: the
+  shipped Q4_1 GGUF (the peer), our Q4_1 export of the teacher (sanity: the same format) and the combined student
+  exported at Q4_1 from its trained int4 grid (``export_gguf`` writes it from the fake-quantized weights).
 
 Rows are measured in interleaved rounds (every variant once per round, ``--rounds`` rounds); each reports the median
 over rounds of its TPOT and TTFT, the spread (max − min) / median across rounds, decode tokens/s, size, MBU against
@@ -22,7 +26,7 @@ minimum): int4 group-32 PTQ of the *teacher* is nearly lossless by construction 
 rounding of the scale) and proves nothing about int4 on a model trained in float. Judge int4 on the ``--student`` rows.
 
 Run: ``python -m benchmarks.bench_llm`` (teacher rows; compiles 5 decode steps, ~10 min on a quiet 2-core machine),
-``--student`` (adds the KD + QAT rows, +10–20 min), ``--quick`` (tiny random Llama with the real tokenizer and text;
+``--student`` (adds the student and llama.cpp rows, +35–45 min), ``--quick`` (tiny random Llama with the real tokenizer and text;
 smoke run, numbers not meaningful).
 """
 
@@ -30,6 +34,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import os
 import random
 import statistics
 import time
@@ -52,8 +57,9 @@ BENCH = "llm"
 def _settings(quick: bool) -> dict[str, Any]:
     if quick:
         return dict(prompt=16, new=8, rounds=1, runs=2, ppl_blocks=4, seq=64, kd_steps=2, qat_steps=2,
-                    train_blocks=16, batch=2)
-    return dict(prompt=64, new=64, rounds=3, runs=3, ppl_blocks=64, seq=128, kd_steps=200, qat_steps=100,
+                    width_steps=2, width=0.25, layers=1, train_blocks=16, batch=2)
+    return dict(prompt=64, new=64, rounds=3, runs=3, ppl_blocks=64, seq=128, kd_steps=100, qat_steps=60,
+                width_steps=30, width=0.1, layers=int(os.environ.get("BENCH_LLM_STUDENT_LAYERS", "4")),
                 train_blocks=2400, batch=4)
 
 
@@ -94,8 +100,7 @@ def _variants(base: nn.Module, prefix: str = "") -> dict[str, tuple[nn.Module, b
     out: dict[str, tuple[nn.Module, bool]] = {f"{prefix}fp32 HF generate": (base, False),
                                               f"{prefix}fp32 fast": (base, True)}
     out[f"{prefix}bf16 fast"] = (copy.deepcopy(base).to(torch.bfloat16).eval(), True)
-    for name, bits, group in (("int8 weight-only", 8, 32), ("int4 weight-only g32", 4, 32),
-                              ("int4 weight-only g64", 4, 64)):
+    for name, bits, group in (("int8 weight-only", 8, 32), ("int4 weight-only g32", 4, 32)):
         m = copy.deepcopy(base).eval()
         quantize_weight_only(m, bits=bits, group_size=group)
         out[f"{prefix}{name} fast"] = (m, True)
@@ -108,24 +113,80 @@ def _variants(base: nn.Module, prefix: str = "") -> dict[str, tuple[nn.Module, b
     return out
 
 
-def _students(teacher: nn.Module, train: Any, s: dict[str, Any]) -> dict[str, tuple[nn.Module, bool]]:
-    """Pruned + KD student in fp32, int4 PTQ of it, and int4 QAT+KD of it (same total steps as the fp32 one)."""
-    from lightning_latency.distillation import student_from_pruned_teacher
+def _calibration(train: Any, batch: int) -> list[dict[str, Any]]:
+    return [{"input_ids": b["input_ids"], "labels": b["input_ids"]}
+            for b in DataLoader(Subset(train, range(min(len(train), 4 * batch))), batch_size=batch)]
 
-    calibration = [{"input_ids": b["input_ids"], "labels": b["input_ids"]}
-                   for b in DataLoader(Subset(train, range(min(len(train), 4 * s["batch"]))), batch_size=s["batch"])]
-    student = student_from_pruned_teacher(teacher, 0.25, importance="taylor", calibration=calibration)
-    student.model.embed_tokens.requires_grad_(False)  # tied with lm_head
-    student = tasks.distil_lm(student, teacher, train, s["kd_steps"], s["batch"], 3e-4, seed=0)
-    qat = copy.deepcopy(student)
-    fp32 = tasks.distil_lm(student, teacher, train, s["qat_steps"], s["batch"], 1e-4, seed=1)
-    prepare_weight_only_qat(qat, bits=4, group_size=32)
-    qat = tasks.distil_lm(qat, teacher, train, s["qat_steps"], s["batch"], 1e-4, seed=1)
-    convert_weight_only_qat(qat)
-    ptq = copy.deepcopy(fp32)
-    quantize_weight_only(ptq, bits=4, group_size=32)  # same layers as the QAT student (lm_head included)
-    return {"student fp32 HF generate": (fp32, False), "student fp32 fast": (fp32, True),
-            "student int4 g32 PTQ fast": (ptq, True), "student int4 g32 QAT+KD fast": (qat, True)}
+
+class _Students:
+    """The trained students, each pruned from the teacher and distilled on BBC training blocks (``tasks.distil_lm``:
+    KD at T=1 + LM loss), plus what each measured before recovery.
+
+    * width, activation vs Taylor: ``width`` of every layer's query heads and MLP neurons by each importance, the same
+      KD steps (magnitude, ``l2``, is scored before recovery only: it wrecks the model);
+    * depth: ``layers`` whole layers removed by block importance, ``kd_steps`` of KD, then the lm_head untied and two
+      branches of ``qat_steps`` each: fp32 (then int4 PTQ) and int4 g32 weight-only QAT (then converted: the
+      combined best), so PTQ and QAT see the same steps.
+    """
+
+    def __init__(self, teacher: nn.Module, train: Any, bbc_test: Any, s: dict[str, Any]) -> None:
+        from lightning_latency.distillation import student_from_pruned_teacher
+
+        self.variants: dict[str, tuple[nn.Module, bool]] = {}
+        self.before: dict[str, float] = {}
+        self.qat_prepared: nn.Module | None = None
+        cal, pct, k = _calibration(train, s["batch"]), f"{100 * s['width']:.0f}%", s["layers"]
+        for importance in ("activation", "taylor", "l2"):
+            student = student_from_pruned_teacher(teacher, s["width"], importance=importance, calibration=cal)
+            self.before[f"-{pct} width ({importance})"] = tasks.perplexity(student, bbc_test)
+            if importance == "l2":
+                continue
+            student.model.embed_tokens.requires_grad_(False)  # tied with lm_head
+            student = tasks.distil_lm(student, teacher, train, s["width_steps"], s["batch"], 3e-4, seed=0)
+            self.variants[f"student -{pct} width ({importance}) + {s['width_steps']} KD, fp32 fast"] = (student, True)
+        depth = student_from_pruned_teacher(teacher, 0.0, layers_removed=k, calibration=cal)
+        self.before[f"-{k} layers (block importance)"] = tasks.perplexity(depth, bbc_test)
+        depth.model.embed_tokens.requires_grad_(False)
+        depth = tasks.distil_lm(depth, teacher, train, s["kd_steps"], s["batch"], 3e-4, seed=0)
+        tasks.untie_lm_head(depth)
+        qat = copy.deepcopy(depth)
+        steps = s["kd_steps"] + s["qat_steps"]
+        fp32 = tasks.distil_lm(depth, teacher, train, s["qat_steps"], s["batch"], 1e-4, seed=1)
+        prepare_weight_only_qat(qat, bits=4, group_size=32)  # every Linear incl. the untied lm_head
+        qat = tasks.distil_lm(qat, teacher, train, s["qat_steps"], s["batch"], 1e-4, seed=1)
+        self.qat_prepared = copy.deepcopy(qat)  # for the GGUF export: the fake-quant grid the last step trained on
+        convert_weight_only_qat(qat)
+        ptq = copy.deepcopy(fp32)
+        quantize_weight_only(ptq, bits=4, group_size=32)
+        name = f"student -{k} layers + {steps} KD"
+        self.variants.update({f"{name}, fp32 fast": (fp32, True), f"{name}, int4 g32 PTQ fast": (ptq, True),
+                              f"{name}, int4 g32 QAT+KD fast (combined)": (qat, True)})
+
+
+def _llamacpp_rows(teacher: nn.Module, students: _Students, tokenizer: Any, bbc_test: Any, s: dict[str, Any]
+                   ) -> list[dict[str, str]]:
+    """The second deployment form: the shipped Q4_1 GGUF (the peer, run by llama.cpp) beside our teacher's Q4_1
+    export (sanity: same format, same speed) and the combined student exported at Q4_1 from its int4 QAT grid."""
+    import tempfile
+    from pathlib import Path
+
+    from benchmarks.bench_llamacpp import build_line, runtime_rows
+    from lightning_latency.latency.llamacpp import llamacpp_unavailable
+    from lightning_latency.quantization.gguf import export_gguf
+
+    reason = llamacpp_unavailable()
+    if reason is not None or students.qat_prepared is None:
+        return [row(BENCH, "llama.cpp rows", "skipped", note=(reason or "no student").splitlines()[0][:160])]
+    tmp = Path(tempfile.mkdtemp(prefix="bench_llm_"))
+    files = {"llama.cpp: shipped Q4_1 (peer)": assets.smollm2_gguf(),
+             "llama.cpp: ours teacher Q4_1": export_gguf(teacher, tmp / "teacher.Q4_1.gguf",
+                                                         qtype="Q4_1", tokenizer=tokenizer, embedding_qtype="Q8_0"),
+             f"llama.cpp: ours student Q4_1 (-{s['layers']} layers, KD + int4 QAT)": export_gguf(
+                 students.qat_prepared, tmp / "student.Q4_1.gguf", qtype="Q4_1", tokenizer=tokenizer,
+                 embedding_qtype="Q8_0")}
+    held_out = bbc_test.encodings["input_ids"].flatten().tolist()
+    rows = [row(BENCH, "llama.cpp build", "", note=build_line())]
+    return rows + runtime_rows(files, next(iter(files)), held_out[: s["prompt"]], held_out, s, bench=BENCH)
 
 
 def _spread(values: list[float]) -> float:
@@ -144,8 +205,9 @@ def main(quick: bool = False, student: bool = False, rounds: int | None = None) 
                                           n_test=s["ppl_blocks"])
     reviews = _review_blocks(tokenizer, s["ppl_blocks"], s["seq"])
     variants = _variants(teacher)
-    if student:
-        variants.update(_students(teacher, train, s))
+    students = _Students(teacher, train, bbc_test, s) if student else None
+    if students is not None:
+        variants.update(students.variants)
 
     bandwidth_mb = 16 if quick else 256
     bandwidth = measure_bandwidth(size_mb=bandwidth_mb)
@@ -189,9 +251,15 @@ def main(quick: bool = False, student: bool = False, rounds: int | None = None) 
                     "SmolLM2's 576-wide inputs are not a multiple of 128: the kernel needs group | in_features"))
     rows.append(row(BENCH, f"memory bandwidth ({bandwidth_mb} MB copy)", f"{bandwidth / 1e9:.1f} GB/s", "", "",
                     f"MBU denominator; {isa_line()}; batch 1, prompt {s['prompt']}, {s['new']} new tokens, greedy"))
-    if not student:
+    if students is None:
         rows.append(row(BENCH, "student rows", "skipped", "", "", "pass --student (Q4_1 caveat: int4 on the teacher "
                                                                     "proves nothing)"))
+        return rows
+    base = ppl_base[0] if ppl_base else float("nan")
+    for what, ppl in students.before.items():
+        rows.append(row(BENCH, f"before recovery: {what}", f"ppl BBC {ppl:.1f}", note=f"×{ppl / base:.2f} the "
+                                                                                      "teacher's; no KD yet"))
+    rows += _llamacpp_rows(teacher, students, tokenizer, bbc_test, s)
     return rows
 
 

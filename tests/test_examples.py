@@ -87,9 +87,10 @@ def test_compress_llm_quick_prints_decode_table_and_samples(tmp_path: Path, caps
     results = _example("compress_llm").main(["--quick", "--out-dir", str(tmp_path)])
     out = capsys.readouterr().out
     assert "TPOT ms" in out and "Greedy continuations" in out
-    teacher, student, final = results["rows"]
-    assert student["params_m"] < teacher["params_m"]  # structurally pruned
-    assert final["size_mb"] < 0.7 * student["size_mb"]  # int4 weight-only linears (the fp32 embedding table stays)
+    teacher, teacher_int4, final = results["rows"]
+    assert final["params_m"] < teacher_int4["params_m"]  # layers removed (same format)
+    assert final["size_mb"] < teacher_int4["size_mb"] < 0.7 * teacher["size_mb"]  # int4 linears (fp32 embeddings)
+    assert "QAT+KD" in final["name"]
     for r in results["rows"]:
         assert r["ttft_ms"] > 0 and r["tpot_ms"] > 0 and r["perplexity"] > 1 and r["mbu"] is None  # no peak given
     assert all(isinstance(s, str) for s in results["samples"]["teacher fp32"])

@@ -280,6 +280,14 @@ def distil_lm(student: nn.Module, teacher: nn.Module, train: Dataset, steps: int
     fit(module, loader, steps, callbacks=callbacks)
     return module.student.eval()
 
+def untie_lm_head(model: nn.Module) -> None:
+    """Give a causal LM's ``lm_head`` its own trainable copy of the tied embedding (which may stay frozen): the
+    deployed low-bit ``lm_head`` is a separate tensor anyway (``quantize_weight_only`` keeps the embedding fp32), so
+    training it toward its grid costs nothing at decode time."""
+    model.lm_head.weight = nn.Parameter(model.lm_head.weight.detach().clone())
+    model.config.tie_word_embeddings = False
+
+
 __all__ = [
     "EncodedDataset",
     "accuracy",
@@ -297,4 +305,5 @@ __all__ = [
     "rotten_tomatoes_splits",
     "stack_inputs",
     "start_run",
+    "untie_lm_head",
 ]
