@@ -7,9 +7,10 @@ int8 and fp32 (forms that build in ~2 s, so every candidate of the sensitivity p
 beside eager fp32, batch 1, seq 48, 2 threads, interleaved rounds; the fastest is "the deployed form"
 (``BENCH_BUDGET_FORM`` forces one). Budget = 40% of the dense model's deployed p50 (``BENCH_BUDGET_FRACTION``).
 Every latency below, in the fit and after it, is the p50 of that deployed form, timed side by side with the dense
-deployed form (``deployed_latency_fn(reference=dense)``: rounds of candidate, dense, dense, candidate) and given on
-the scale of the dense p50 taken when the budget was set, so the machine's drift over the ~25 min run cancels. Per
-paired seed:
+deployed form (``deployed_latency_fn(reference=dense, rounds=5)``: rounds of candidate, dense, dense, candidate,
+each round on a fresh ONNX Runtime session of the candidate, median over rounds) and given on the scale of the dense
+p50 taken when the budget was set, so the machine's drift over the run and the session-to-session spread (up to
+±15% on 2 cores) cancel. Per paired seed:
   * budget: ``LatencyBudgetPruning(depth=True)`` (sensitivity of every layer's heads, MLP neurons and the whole
     layer on 4 training batches, each candidate deployed and timed; plan; prune at steps 10/20/30 measuring after
     every removal; then recover) for ``STEPS`` steps of fine-tuning;
@@ -34,6 +35,7 @@ from benchmarks._common import cli, row
 
 BENCH = "budget"
 SEQ = 48
+ROUNDS = 5  # timing rounds per latency call, each on a fresh ONNX Runtime session (sessions differ by up to ±15%)
 _PLOT = Path(__file__).resolve().parent.parent / "docs" / "budget_sensitivity.png"
 
 
@@ -67,7 +69,9 @@ class _Classifier:
 def _settings(quick: bool) -> Any:
     from lightning_latency.latency import LatencyConfig
 
-    return LatencyConfig(warmup=2, min_runs=8 if quick else 15, max_time_s=0.5 if quick else 1.0)
+    # 0.1 s of runs per timing is plenty within one session (~3% spread); the spread is between sessions, which
+    # ROUNDS fresh sessions per call take care of
+    return LatencyConfig(warmup=2, min_runs=8 if quick else 15, min_time_s=0.1, max_time_s=0.5 if quick else 1.0)
 
 
 def _forms(inputs: dict[str, torch.Tensor], quick: bool) -> dict[str, Any]:
@@ -131,7 +135,8 @@ def main(quick: bool = False) -> list[dict[str, str]]:
     if form != "eager":  # every later figure timed beside the dense deployed form, on its scale: drift cancels
         from lightning_latency.latency import deployed_latency_fn
 
-        fn = deployed_latency_fn(inputs, form, latency=_settings(quick), reference=teacher)
+        fn = deployed_latency_fn(inputs, form, latency=_settings(quick), reference=teacher,
+                                 rounds=3 if quick else ROUNDS)
         dense_ms = fn.anchor_ms
     fraction = float(os.environ.get("BENCH_BUDGET_FRACTION", "0.4"))
     target = fraction * dense_ms

@@ -121,6 +121,10 @@ def test_ort_backends_match_the_reference_and_keep_the_output_type() -> None:
     assert fp32.backend == "ort" and int8.backend == "ort_int8" and int8.quantized
     other = _inputs(batch=3, seq=8)  # the ONNX graph has dynamic batch and sequence axes
     assert fp32(**other).logits.shape == (3, 2)
+    before, out = int8.compiled.session, int8(**inputs).logits
+    int8.compiled.reopen()  # a fresh session on the same graph (timing spans several: sessions differ in speed)
+    assert int8.compiled.session is not before
+    torch.testing.assert_close(int8(**inputs).logits, out, atol=0, rtol=0)
 
 
 def test_config_of_the_wrong_type_names_the_argument() -> None:

@@ -44,6 +44,11 @@ def _hf_loss(model: nn.Module, batch: Any) -> Any:
     return model(**batch).loss
 
 
+def _shape(model: nn.Module) -> tuple[Any, ...]:
+    """What a move can change: units kept per block, and the layers removed whole."""
+    return tuple(sorted(unit_counts(model).items())), tuple(skipped_layers(model))
+
+
 def _device(model: nn.Module) -> Any:
     return next((p.device for p in model.parameters()), None)
 
@@ -164,8 +169,11 @@ class BudgetPruner:
 
     def _apply_next(self, model: nn.Module, broadcast: Broadcast | None) -> float:
         self._land(model, broadcast)
+        before = _shape(model)
         apply_moves(model, [self.plan[self.applied]])
         self.applied += 1
+        if _shape(model) == before and self.last_ms is not None:
+            return self.last_ms  # a no-op (its layer went whole, or a larger cut of the unit came first): no timing
         measured = self._measure(model)
         if broadcast is not None:
             measured = float(broadcast(measured))
@@ -175,24 +183,39 @@ class BudgetPruner:
 
     def _land(self, model: nn.Module, broadcast: Broadcast | None) -> None:
         """Near the target, do not overshoot: when the next move would take the model below ``target * (1 -
-        tolerance)``, bring forward the first later move (cheapest first) that does not; else keep the order.
+        tolerance)``, bring forward a later move that does not; else keep the order.
 
         The first moves are usually the big ones (whole layers); the last few decide how close to the budget the
         model lands, and every millisecond below it is accuracy given away for nothing. Savings measured one at a
         time on the dense model are not additive (seen: a move predicted at 0.3 ms saved 0.7 ms on the pruned
         model), so near the target (``last <= 1.6 * target``) each candidate is *tried*: applied to a deep copy and
-        measured. At most 8 later moves are tried per removal; rank 0's choice is broadcast. The reordered plan is
-        what checkpoints hold.
+        measured. Candidates are the later moves predicted to save less than the next one, those predicted to
+        land in the window first, each group in plan order (cheapest loss per ms first); at most 8 are tried per
+        removal. The first that stays above the window's floor is brought forward; when none does, the one that
+        undershoots least (the next move itself, if it is that one). Rank 0's choice is broadcast; the reordered
+        plan is what checkpoints hold.
         """
         if self.tolerance is None or self.last_ms is None or self.last_ms > 1.6 * self.target_ms:
             return
         low = self.target_ms * (1 - self.tolerance)
         nxt = self.plan[self.applied]
         choice = None
-        if self._trial(model, nxt) < low:
+        first = self._trial(model, nxt)
+        if first is not None and first < low:
             later = self.plan[self.applied + 1:] + self.reserve
-            smaller = [m for m in later if 0 < self.savings.get(m, 0.0) <= self.savings.get(nxt, 0.0)]
-            choice = next((later.index(m) for m in smaller[:8] if self._trial(model, m) >= low), None)
+            cap, room = self.savings.get(nxt, 0.0), self.last_ms - low
+            smaller = [m for m in later if 0 < self.savings.get(m, 0.0) <= cap]
+            fits = [m for m in smaller if self.savings[m] <= room]
+            best = first
+            for move in (fits + [m for m in smaller if m not in fits])[:8]:
+                ms = self._trial(model, move)
+                if ms is None:
+                    continue
+                if ms >= low:
+                    choice = later.index(move)
+                    break
+                if ms > best:
+                    best, choice = ms, later.index(move)
         if broadcast is not None:
             choice = broadcast(choice)
         if choice is None:
@@ -205,10 +228,12 @@ class BudgetPruner:
             self.plan.remove(fit)
         self.plan.insert(self.applied, fit)
 
-    def _trial(self, model: nn.Module, move: Move) -> float:
+    def _trial(self, model: nn.Module, move: Move) -> float | None:
+        """The latency after ``move``, measured on a copy; None for a move that changes nothing."""
         work = copy.deepcopy(model)
+        before = _shape(work)
         apply_moves(work, [move])
-        return float(self.latency_fn(work))
+        return None if _shape(work) == before else float(self.latency_fn(work))
 
     def metrics(self, model: nn.Module, measured: float) -> dict[str, float]:
         out = {"budget/target_ms": self.target_ms, "budget/measured_ms": measured,
