@@ -533,6 +533,34 @@ def test_decode_latency_fn_times_greedy_decoding() -> None:
     assert ms > 0 and model.training  # measured in eval mode, the module's own flag restored
 
 
+def test_anchored_decode_latency_keeps_a_frozen_reference_and_cancels_drift(monkeypatch) -> None:
+    """decode_latency_fn(reference=dense): the reference is copied (pruning the dense model later does not move the
+    scale), and a machine slowing 5% per timing gives every call the true TPOT ratio x the anchor."""
+    import lightning_latency.latency.generation as generation
+    from lightning_latency.latency import decode_latency_fn
+    from lightning_latency.pruning.depth import find_layers, skipped_layers
+
+    clock = {"drift": 1.0}
+
+    def fake_generation(model: Any, prompt: Any, config: Any = None, **kwargs: Any) -> SimpleNamespace:
+        clock["drift"] *= 1.05
+        kept = len(find_layers(model)) - len(skipped_layers(model))
+        return SimpleNamespace(tpot_ms=10.0 * kept * clock["drift"])
+
+    monkeypatch.setattr(generation, "measure_generation", fake_generation)
+    dense = tiny_llama()
+    fn = decode_latency_fn(torch.zeros(1, 4, dtype=torch.long), reference=dense, rounds=2)
+    anchor = fn.anchor_ms
+    pruned = copy.deepcopy(dense)
+    apply_moves(pruned, [Move("model.layers.1", "block", 1.0)])  # one of two layers gone: half the TPOT
+    for _ in range(3):
+        assert fn(pruned) == pytest.approx(anchor / 2)
+    apply_moves(dense, [Move("model.layers.1", "block", 1.0)])  # the caller's dense model changes ...
+    assert fn(pruned) == pytest.approx(anchor / 2)  # ... the reference it was anchored on does not
+    with pytest.raises(ValueError, match=r"`rounds` must be a positive integer .* got 0"):
+        decode_latency_fn(torch.zeros(1, 4, dtype=torch.long), rounds=0)
+
+
 @pytest.mark.parametrize(
     ("kwargs", "match"),
     [

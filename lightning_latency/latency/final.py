@@ -11,14 +11,13 @@ Lightning: the callbacks are only asked what they did (``compresses``, ``deploy_
 from __future__ import annotations
 
 import logging
-import math
-import statistics
 import warnings
 from collections.abc import Callable, Iterable
 from typing import Any
 
 from torch import nn
 
+from lightning_latency.latency.anchored import AnchoredLatency
 from lightning_latency.latency.compiled import _deepcopy_detached
 from lightning_latency.latency.config import LatencyConfig
 from lightning_latency.latency.measure import LatencyReport, measure_latency
@@ -107,14 +106,13 @@ def deployed_copy(module: nn.Module, inputs: Any, backend: str, config: Any = No
     return fast, about
 
 
-class DeployedLatency:
+class DeployedLatency(AnchoredLatency):
     """``latency_fn(model) -> p50 ms`` of the ``backend`` deployment form of ``model``; see :func:`deployed_latency_fn`.
 
-    Anchored (after :meth:`anchor`), each call times the candidate's deployment form ``c`` and the reference's
-    ``r`` in ``rounds`` rounds of ``c r r c`` and returns ``anchor_ms × median over rounds of √(c₁c₂ / r₁r₂)``: a
-    value on the scale of the reference's p50 at anchoring, from which machine drift (other work, clocks, caches:
-    ~10% between minutes on a shared 2-core machine) cancels — exactly for drift steady over a round, as the
-    symmetric order puts both forms at the same mean time.
+    Anchored (after :meth:`anchor`), each call times the candidate's deployment form beside the reference's in
+    ``rounds`` rounds of ``c r r c`` (:class:`~lightning_latency.latency.anchored.AnchoredLatency`): a value on the
+    scale of the reference's p50 at anchoring, from which machine drift (other work, clocks, caches: ~10% between
+    minutes on a shared 2-core machine) cancels.
 
     Each round times a fresh ONNX Runtime session of the candidate's graph (:meth:`OrtModel.reopen`): sessions of
     one graph differ in speed by up to ±15% on a 2-core machine (measured: ~3% spread within a session), so one
@@ -123,44 +121,23 @@ class DeployedLatency:
     """
 
     def __init__(self, example_inputs: Any, backend: str, config: Any, settings: LatencyConfig, rounds: int) -> None:
-        self.example_inputs, self.backend, self.config, self.rounds = example_inputs, backend, config, rounds
+        super().__init__(rounds)
+        self.example_inputs, self.backend, self.config = example_inputs, backend, config
         self.settings = settings.replace(compile=False)
-        self.anchor_ms: float | None = None
-        self._reference: Any = None
 
     def _build(self, model: nn.Module) -> Any:
         return deployed_copy(model, self.example_inputs, self.backend, self.config, info=lambda _msg: None)[0]
 
+    def _reference_form(self, model: nn.Module) -> Any:
+        return self._build(model)  # deployed_copy works on a deep copy already
+
     def _time(self, fast: Any) -> float:
         return measure_latency(fast, self.example_inputs, self.settings).p50_ms
 
-    def anchor(self, reference: nn.Module) -> float:
-        """Deploy ``reference`` once (a deep copy: later changes to it do not count) and time every later call
-        against it; returns its p50 (median of three measurements), the scale later values are given in."""
-        self._reference = self._build(reference)
-        self.anchor_ms = statistics.median(self._time(self._reference) for _ in range(3))
-        return self.anchor_ms
-
-    def _ratio(self, fast: Any) -> float:
-        c1, r1, r2, c2 = self._time(fast), self._time(self._reference), self._time(self._reference), self._time(fast)
-        return math.sqrt(c1 * c2 / (r1 * r2))
-
-    def __call__(self, model: nn.Module) -> float:
-        fast = self._build(model)
-        anchored = self._reference is not None and self.anchor_ms is not None
-        values = []
-        for i in range(self.rounds):
-            if i:
-                _reopen(fast)
-            values.append(self._ratio(fast) if anchored else self._time(fast))
-        return (self.anchor_ms if anchored else 1.0) * statistics.median(values)
-
-
-def _reopen(fast: Any) -> None:
-    """A fresh runtime session for an ONNX Runtime deployment form (other forms have none to renew)."""
-    session = getattr(fast, "compiled", None)
-    if callable(getattr(session, "reopen", None)):
-        session.reopen()
+    def _renew(self, fast: Any) -> None:
+        session = getattr(fast, "compiled", None)  # an OrtModel for the ONNX Runtime forms
+        if callable(getattr(session, "reopen", None)):
+            session.reopen()
 
 
 def deployed_latency_fn(example_inputs: Any, backend: str = "ort_int8", config: Any = None,
@@ -192,9 +169,6 @@ def deployed_latency_fn(example_inputs: Any, backend: str = "ort_int8", config: 
         raise ValueError("`deploy_backend`='auto' would build and time every deployment form for each candidate. "
                          "Pass the form you ship, e.g. deploy_backend='ort_int8' (deploy(model, inputs, "
                          "backend='auto') once on the dense model says which form is fastest here).")
-    if isinstance(rounds, bool) or not isinstance(rounds, int) or rounds < 1:
-        raise ValueError(f"`rounds` must be a positive integer (side-by-side timing rounds per call), got "
-                         f"{rounds!r}. E.g. rounds=3.")
     name = parse_enum(Backend, backend, "deploy_backend").value
     fn = DeployedLatency(example_inputs, name, config, latency or LatencyConfig(warmup=2, min_runs=15, max_time_s=1.5),
                          rounds)

@@ -9,7 +9,7 @@ Greedy decoding (``do_sample=False``) keeps the work identical from run to run.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from lightning_latency.latency._inputs import batch_size_of, move_to, resolve_inputs, token_ids_of
+from lightning_latency.latency.anchored import AnchoredLatency
 from lightning_latency.latency.config import LatencyConfig
 from lightning_latency.latency.fast_generation import decode_bytes_per_token, fast_generate
 from lightning_latency.latency.hardware import utilisation
@@ -200,21 +201,39 @@ def measure_generation(model: nn.Module, inputs: Any = None, config: LatencyConf
     )
 
 
+class DecodeLatency(AnchoredLatency):
+    """``latency_fn(model) -> TPOT ms`` of greedy decoding; see :func:`decode_latency_fn`."""
+
+    def __init__(self, prompt: Any, new_tokens: int, settings: LatencyConfig, fast: bool, rounds: int) -> None:
+        super().__init__(rounds)
+        self.prompt, self.new_tokens, self.settings, self.fast = prompt, new_tokens, settings, fast
+
+    def _time(self, model: nn.Module) -> float:
+        return measure_generation(model, self.prompt, self.settings, new_tokens=self.new_tokens, fast=self.fast).tpot_ms
+
+
 def decode_latency_fn(prompt: Any, new_tokens: int = 16, config: LatencyConfig | None = None,
-                      fast: bool = False) -> Callable[[nn.Module], float]:
+                      fast: bool = False, reference: nn.Module | None = None, rounds: int = 1) -> DecodeLatency:
     """``latency_fn(model) -> TPOT ms`` of greedy decoding after ``prompt`` (batch 1 for a tokens/s budget).
 
     Decode tokens/s is ``1000 / TPOT``: pass this to
     :class:`~lightning_latency.pruning.budget_callback.LatencyBudgetPruning` with ``target_tokens_per_s`` (or to
     :func:`~lightning_latency.pruning.budget.layer_sensitivity`). ``fast`` times the static-cache compiled form
     (a compile per call: too slow for a sensitivity pass over many candidates; the eager ``generate`` ranks them).
+
+    With ``reference`` (the dense model; a frozen deep copy is kept), every call is timed beside it in ``rounds``
+    rounds of candidate, reference, reference, candidate and given on the scale of the reference's TPOT at this
+    call (:class:`~lightning_latency.latency.anchored.AnchoredLatency`): drift of the machine over a long fit
+    cancels, at four timings per round instead of one. Without it each call is the median of ``rounds`` timings.
+
+    Raises:
+        ValueError: ``rounds`` not a positive integer.
     """
-    settings = config or LatencyConfig(warmup=1, min_runs=3, max_time_s=4.0)
+    fn = DecodeLatency(prompt, new_tokens, config or LatencyConfig(warmup=1, min_runs=3, max_time_s=4.0), fast,
+                       rounds)
+    if reference is not None:
+        fn.anchor(reference)
+    return fn
 
-    def tpot(model: nn.Module) -> float:
-        return measure_generation(model, prompt, settings, new_tokens=new_tokens, fast=fast).tpot_ms
 
-    return tpot
-
-
-__all__ = ["GenerationReport", "decode_latency_fn", "measure_generation"]
+__all__ = ["DecodeLatency", "GenerationReport", "decode_latency_fn", "measure_generation"]

@@ -49,6 +49,10 @@ def _shape(model: nn.Module) -> tuple[Any, ...]:
     return tuple(sorted(unit_counts(model).items())), tuple(skipped_layers(model))
 
 
+def _name(move: Move) -> str:
+    return f"{move.block} (whole layer)" if move.kind == "block" else f"{move.block} {move.kind} {move.fraction:g}"
+
+
 def _device(model: nn.Module) -> Any:
     return next((p.device for p in model.parameters()), None)
 
@@ -149,13 +153,13 @@ class BudgetPruner:
         measured, count = None, 0
         # the last step applies the rest of the plan, however landing (_land) has reordered it
         while not self.done and self.applied < len(self.plan) and (last or count < chunk):
-            measured = self._apply_next(model, broadcast)
+            measured = self._apply_next(model, broadcast, info)
             count += 1
         # the plan is done but the measurement is not: savings were smaller than predicted, so go on through the
         # next-cheapest removals, one at a time, measuring after each (the floor check said the target is reachable)
         while not self.done and self.applied >= len(self.plan) and self.reserve:
             self.plan.append(self.reserve.pop(0))
-            measured = self._apply_next(model, broadcast)
+            measured = self._apply_next(model, broadcast, info)
         if measured is None:
             return None
         self.original = original_structure(model)
@@ -167,10 +171,11 @@ class BudgetPruner:
             self.done = True
         return measured
 
-    def _apply_next(self, model: nn.Module, broadcast: Broadcast | None) -> float:
-        self._land(model, broadcast)
+    def _apply_next(self, model: nn.Module, broadcast: Broadcast | None, info: Say = _quiet) -> float:
+        self._land(model, broadcast, info)
+        move = self.plan[self.applied]
         before = _shape(model)
-        apply_moves(model, [self.plan[self.applied]])
+        apply_moves(model, [move])
         self.applied += 1
         if _shape(model) == before and self.last_ms is not None:
             return self.last_ms  # a no-op (its layer went whole, or a larger cut of the unit came first): no timing
@@ -179,43 +184,57 @@ class BudgetPruner:
             measured = float(broadcast(measured))
         self.done = measured <= self.target_ms
         self.last_ms = measured
+        info(f"removal {self.applied}: {_name(move)} -> {measured:.3f} ms (target {self.target_ms:.3f})")
         return measured
 
-    def _land(self, model: nn.Module, broadcast: Broadcast | None) -> None:
-        """Near the target, do not overshoot: when the next move would take the model below ``target * (1 -
-        tolerance)``, bring forward a later move that does not; else keep the order.
+    def _land(self, model: nn.Module, broadcast: Broadcast | None, info: Say = _quiet) -> None:
+        """Do not overshoot: when the next move would take the model below ``target * (1 - tolerance)``, bring
+        forward a later move that does not; else keep the order.
 
         The first moves are usually the big ones (whole layers); the last few decide how close to the budget the
         model lands, and every millisecond below it is accuracy given away for nothing. Savings measured one at a
         time on the dense model are not additive (seen: a move predicted at 0.3 ms saved 0.7 ms on the pruned
-        model), so near the target (``last <= 1.6 * target``) each candidate is *tried*: applied to a deep copy and
-        measured. Candidates are the later moves predicted to save less than the next one, those predicted to
-        land in the window first, each group in plan order (cheapest loss per ms first); at most 8 are tried per
-        removal. The first that stays above the window's floor is brought forward; when none does, the one that
-        undershoots least (the next move itself, if it is that one). Rank 0's choice is broadcast; the reordered
-        plan is what checkpoints hold.
+        model), so a move that might cross the target (measured ``<= 1.6 * target``, or twice its predicted
+        saving would reach the target) is *tried* first: applied to a deep copy and measured. If it undershoots
+        the window, later moves not predicted to save more are tried — those predicted to land in the window
+        first, then those with no positive prediction (on a depth plan the heads and neurons behind the layer
+        moves: priced 0, yet the finest steps there are), then the rest, each group in plan order; moves that
+        change nothing are skipped untimed, at most 8 are timed. The first that stays above the window's floor
+        is brought forward; when none does, the one that undershoots least (the next move itself, if it is that
+        one). Rank 0's choice is broadcast; the reordered plan is what checkpoints hold.
         """
-        if self.tolerance is None or self.last_ms is None or self.last_ms > 1.6 * self.target_ms:
+        if self.tolerance is None or self.last_ms is None:
+            return
+        nxt = self.plan[self.applied]
+        cap = self.savings.get(nxt, 0.0)
+        if self.last_ms > 1.6 * self.target_ms and self.last_ms - 2 * cap >= self.target_ms:
             return
         low = self.target_ms * (1 - self.tolerance)
-        nxt = self.plan[self.applied]
         choice = None
         first = self._trial(model, nxt)
         if first is not None and first < low:
             later = self.plan[self.applied + 1:] + self.reserve
-            cap, room = self.savings.get(nxt, 0.0), self.last_ms - low
-            smaller = [m for m in later if 0 < self.savings.get(m, 0.0) <= cap]
-            fits = [m for m in smaller if self.savings[m] <= room]
-            best = first
-            for move in (fits + [m for m in smaller if m not in fits])[:8]:
+            room = self.last_ms - low
+            saving = {m: self.savings.get(m, 0.0) for m in later}
+            fits = [m for m in later if 0 < saving[m] <= min(room, cap)]
+            unpriced = [m for m in later if saving[m] <= 0]
+            rest = [m for m in later if min(room, cap) < saving[m] <= cap]
+            best, timed = first, 0
+            for move in fits + unpriced + rest:
+                if timed >= 8:
+                    break
                 ms = self._trial(model, move)
                 if ms is None:
                     continue
+                timed += 1
                 if ms >= low:
-                    choice = later.index(move)
+                    best, choice = ms, later.index(move)
                     break
                 if ms > best:
                     best, choice = ms, later.index(move)
+            if choice is not None:
+                info(f"landing: {_name(nxt)} would measure {first:.3f} ms, below {low:.3f}; "
+                     f"{_name(later[choice])} ({best:.3f} ms) first")
         if broadcast is not None:
             choice = broadcast(choice)
         if choice is None:
