@@ -192,7 +192,8 @@ class _BudgetDump:
         state = budget.state_dict()
         return {"weights": {k: v.detach().clone() for k, v in pl_module.state_dict().items()},
                 "structure": structure(pl_module.student), "skipped": skipped_layers(pl_module.student),
-                "plan": state["plan"], "applied": state["applied"], "history": state["history"]}
+                "plan": state["plan"], "reserve": state["reserve"], "applied": state["applied"],
+                "history": state["history"], "last_ms": state["last_ms"]}
 
 
 @pytest.mark.ddp

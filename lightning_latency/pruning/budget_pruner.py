@@ -275,13 +275,14 @@ class BudgetPruner:
             warn(f"{err} Applying the allowed removals in order until the measurement meets it.")
             planned = len(order)
         rows = [(m.block, m.kind, m.fraction, saved) for m, saved in ranked]
-        if broadcast is not None:  # one plan for all ranks: rank 0's measurements decide
-            rows = broadcast(rows)
+        base_ms = self.report.base_ms
+        if broadcast is not None:  # one plan, split and dense latency for all ranks: rank 0's measurements decide
+            rows, planned, base_ms = broadcast((rows, planned, base_ms))
         moves = [Move(*r[:3]) for r in rows]
         self.savings = {m: float(r[3]) for m, r in zip(moves, rows)}
         self.plan, self.reserve, self.calibration = moves[:planned], moves[planned:], []
-        self.last_ms = self.report.base_ms
-        info(f"target {self.target_ms:g} ms, dense {self.report.base_ms:.3f} ms; {len(self.plan)} removals "
+        self.last_ms = float(base_ms)
+        info(f"target {self.target_ms:g} ms, dense {base_ms:.3f} ms; {len(self.plan)} removals "
              f"planned\n{self.report.format()}")
 
     def _measure(self, model: nn.Module) -> float:
