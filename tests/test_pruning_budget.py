@@ -506,6 +506,30 @@ def test_landing_takes_the_least_undershoot_when_no_move_fits_the_window() -> No
         assert pruner.done and -0.05 <= pruner.measured_ms / (fraction * dense) - 1 <= 0, fraction
 
 
+def test_a_reading_near_the_target_is_confirmed_so_one_unlucky_run_does_not_cost_a_removal() -> None:
+    """Every third reading comes out 8% high (an unlucky run on a busy machine). Readings near the target (at most
+    1.1x it) are the median of three, for the removals and for the landing trials alike, so the model lands 0-5%
+    under the target by its true latency. Judged on single readings above the target, a model already in the window
+    read unlucky looked unfinished and one more removal took it 5-12% under (every fraction here)."""
+    from lightning_latency.pruning.budget_pruner import BudgetPruner
+
+    calls = [0]
+
+    def unlucky(model: nn.Module) -> float:
+        calls[0] += 1
+        return fake_latency_depth(model) * (1.08 if calls[0] % 3 == 2 else 1.0)
+
+    dense = fake_latency_depth(_identity_layer_bert())
+    for fraction in (0.45, 0.55, 0.65, 0.75, 0.85):
+        calls[0] = 0
+        model = _identity_layer_bert()
+        pruner = BudgetPruner(fraction * dense, unlucky, _loss, start_step=1, every_n_steps=1, steps=1,
+                              calibration_batches=1, depth=True, landing_tolerance=0.05)
+        pruner.collect(_batches(1)[0])
+        pruner.maybe_prune(model, 1)
+        assert pruner.done and -0.05 <= fake_latency_depth(model) / (fraction * dense) - 1 <= 0, fraction
+
+
 def test_a_decode_tokens_per_s_budget_on_a_causal_lm(tmp_path: Path) -> None:
     """target_tokens_per_s: the target is a TPOT of 1000 / tokens/s; logged in both units; the model still generates."""
     module = HFModule(kind="llama")
