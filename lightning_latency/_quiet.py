@@ -5,16 +5,25 @@ torchao 0.18 logs, when it is first imported on a CPU-only machine, that it cann
 deprecated way ("... is an Enum subclass and is now natively supported by torch.compile ..."). Neither concerns a
 CPU run. A filter on exactly those two loggers drops exactly those messages; every other record (errors included)
 passes.
+
+Lightning's own ``utilities/_pytree.py`` builds torch's ``LeafSpec``, which torch 2.13 deprecates with a
+``FutureWarning`` printed at every fit's first batch; nothing a user can change. One warnings filter drops that
+message, and only where Lightning's module raises it (the same deprecation from anyone else's code still shows).
 """
 
 from __future__ import annotations
 
 import logging
+import warnings
 
 _NOISE: dict[str, tuple[str, ...]] = {
     "torchao": ("Failed to load", "torchao/_C"),
     "torch.utils._pytree": ("is an Enum subclass and is now natively supported by torch.compile",),
 }
+
+
+_LIGHTNING_PYTREE = r"(pytorch_lightning|lightning\.pytorch)\.utilities\._pytree"
+_LEAFSPEC = r"`isinstance\(treespec, LeafSpec\)` is deprecated"
 
 
 class _DropNoise(logging.Filter):
@@ -35,6 +44,8 @@ def silence_import_noise() -> None:
         logger = logging.getLogger(name)
         if not any(isinstance(f, _DropNoise) for f in logger.filters):
             logger.addFilter(_DropNoise(fragments))
+    # a filter equal to one already there moves to the front instead of being added twice
+    warnings.filterwarnings("ignore", message=_LEAFSPEC, category=FutureWarning, module=_LIGHTNING_PYTREE)
 
 
 __all__ = ["silence_import_noise"]

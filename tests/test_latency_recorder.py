@@ -190,3 +190,24 @@ def test_only_torchaos_cpu_import_noise_is_dropped(caplog: pytest.LogCaptureFixt
         logging.getLogger("other").warning("kept")
     assert [r.getMessage() for r in caplog.records] == [
         "Failed to load the config", "Failed to load /x/torchao/_C_mxfp8.so", "kept"]
+
+
+def test_lightnings_own_leafspec_deprecation_is_dropped_and_only_there() -> None:
+    """Lightning's utilities/_pytree.py builds torch's deprecated LeafSpec at every fit: dropped. The same
+    deprecation raised by any other module still shows."""
+    import warnings
+
+    from lightning_latency._quiet import silence_import_noise
+
+    message = "`isinstance(treespec, LeafSpec)` is deprecated, use `isinstance(treespec, TreeSpec)` instead."
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        silence_import_noise()  # in front of "always", as at import time it is in front of the defaults
+        silence_import_noise()  # idempotent: one filter
+        for module in ("pytorch_lightning.utilities._pytree", "lightning.pytorch.utilities._pytree", "user_code"):
+            warnings.warn_explicit(message, FutureWarning, "x.py", 21, module=module, registry={})
+        warnings.warn_explicit("another FutureWarning", FutureWarning, "x.py", 22,
+                               module="pytorch_lightning.utilities._pytree", registry={})
+        filters = sum(f[1] is not None and "LeafSpec" in f[1].pattern for f in warnings.filters)
+    assert [(str(w.message), w.lineno) for w in seen] == [(message, 21), ("another FutureWarning", 22)]
+    assert filters == 1
