@@ -15,7 +15,9 @@ low-bit *weight* format only helps when the kernel reads it directly and does no
 ``--quant int4_wo`` (default) swaps every linear, ``lm_head`` included, for PyTorch's packed int4 CPU kernel
 (group 32, asymmetric, bf16 activations; ``quantize_weight_only``, docs/llm.md) and times the final model in the
 fast generation form (static KV cache + compiled decode step, ``--no-compile`` for the eager loop);
-``--quant int8_wo`` the same with the packed int8 kernel;
+``--quant int8_wo`` the same with the packed int8 kernel; ``--no-qat --int8-mb MB`` keeps the linears whose int4
+error costs the most loss per MB at int8 within MB over all-int4, chosen by measurement on the trained student
+(``precision_sensitivity`` → ``plan_precision`` → ``quantize_mixed``) instead of a hand-written rule;
 ``--quant dynamic_int8`` uses PyTorch's deprecated dynamic int8 linears (fbgemm/x86 kernels, eager, no compile;
 per-channel weights; the MLP down projections stay fp32 because int8 activations break them);
 ``--quant torchao_int8_wo`` uses torchao int8 weight-only tensors, which run *slower* than fp32 in eager mode here
@@ -85,6 +87,10 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--quant", choices=QUANT_CHOICES, default="int4_wo", help="final weight format")
     p.add_argument("--no-qat", action="store_true",
                    help="int4_wo/int8_wo: distil in fp32 and quantize after training (default: QAT in the fit)")
+    p.add_argument("--int8-mb", type=float, default=None,
+                   help="--quant int4_wo --no-qat: MB the most sensitive linears may spend at int8 over all-int4, "
+                        "chosen by measurement (precision_sensitivity on 2 training batches, plan_precision); "
+                        "default: every linear int4")
     p.add_argument("--no-compile", action="store_true",
                    help="time the int4_wo/int8_wo model in the eager static-cache loop (no decode-step compile)")
     p.add_argument("--prompt-len", type=int, default=64, help="prompt tokens for TTFT/TPOT (default 64)")
@@ -103,6 +109,10 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     if args.layers_removed < 0 or (args.layers_removed == 0 and args.sparsity == 0):
         p.error(f"--layers-removed must be >= 0 and something must be pruned: got --layers-removed "
                 f"{args.layers_removed} with --sparsity {args.sparsity}. E.g. --layers-removed 4.")
+    if args.int8_mb is not None and not (args.quant == "int4_wo" and args.no_qat and args.int8_mb > 0):
+        p.error(f"--int8-mb needs --quant int4_wo --no-qat and a size > 0, got --int8-mb {args.int8_mb} with --quant "
+                f"{args.quant}{' --no-qat' if args.no_qat else ''}. Its sensitivity is measured against the float "
+                "student, which int4 QAT did not train (it trained the int4 grid). E.g. --no-qat --int8-mb 4.")
     if args.new_tokens < 2:
         p.error("--new-tokens must be >= 2 (TPOT needs two tokens)")
     return args
@@ -157,6 +167,19 @@ def size_and_params(model: nn.Module) -> tuple[float, float]:
             extra_bytes += w.numel() * w.element_size() + (b.numel() * b.element_size() if b is not None else 0)
             extra_params += w.numel() + (b.numel() if b is not None else 0)
     return (stats.model_bytes + extra_bytes) / 2**20, (stats.num_params + extra_params) / 1e6
+
+
+def mixed_int4(model: nn.Module, calibration: list[dict[str, torch.Tensor]], int8_mb: float) -> tuple[nn.Module, Any]:
+    """A copy of ``model`` in int4, but for the linears whose int4 error costs the most loss per MB, which stay
+    int8 within ``int8_mb`` MB over all-int4: measured (each linear alone at int4 on ``calibration``), not a rule."""
+    from lightning_latency.quantization.mixed import plan_precision, precision_sensitivity, quantize_mixed
+
+    model = copy.deepcopy(model).eval()
+    report = precision_sensitivity(model, lambda m, b: m(**b).loss, calibration, bits=4, group_size=32, fallback=8)
+    budget = min(report.min_mb + int8_mb, report.max_mb)
+    plan = plan_precision(report, budget_mb=budget)
+    quantize_mixed(model, plan)
+    return model, plan
 
 
 def gen_row(name: str, model: nn.Module, report: Any, ppl: float) -> dict[str, Any]:
@@ -223,9 +246,12 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
                                    generator=torch.Generator().manual_seed(args.seed)))
     fit_s = time.perf_counter() - fit0
     student = module.student.eval()
+    precision = None  # the mixed-precision plan (--int8-mb)
     if qat:
         final = copy.deepcopy(student)
         convert_weight_only_qat(final)  # packed int4/int8: the weights the last step trained on
+    elif args.int8_mb is not None:
+        final, precision = mixed_int4(student, calibration[:2], args.int8_mb)
     else:
         final = quantize(student, args.quant)
     log_dir = Path(trainer.log_dir or logger.log_dir)
@@ -235,7 +261,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     from tqdm.auto import tqdm
 
     how = "QAT+KD" if qat else "KD, then quantized"
-    final_name = f"student {args.quant} (-{args.layers_removed} layers, {how})"
+    mixed = f" + {len(precision.kept)} int8 linears" if precision is not None else ""
+    final_name = f"student {args.quant}{mixed} (-{args.layers_removed} layers, {how})"
     models = {"teacher fp32": teacher, f"teacher {args.quant} (quantized, no training)": quantize(teacher, args.quant),
               final_name: final}
     cfg = LatencyConfig(warmup=1, min_runs=3, min_time_s=0.0, max_time_s=4.0 if not args.quick else 0.5,
@@ -266,6 +293,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     wall = time.perf_counter() - wall0
     results = dict(args=vars(args), threads=threads, fit_s=fit_s, wall_s=wall, pruned_before_distillation_ppl=pruned_ppl,
                    rows=rows, table_markdown=md, log_dir=str(log_dir),
+                   int8_linears=list(precision.kept) if precision is not None else [],
                    samples={"prompts": [tokenizer.decode(p) for p in prompts], **samples})
     (log_dir / "results.json").write_text(json.dumps(results, indent=2, default=str))
 
@@ -274,6 +302,9 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
           f"(block importance){width}, distilled {args.steps} steps (batch {args.batch_size} x {args.seq_len} tokens)"
           f"{' with ' + args.quant + ' QAT' if qat else ''}, then {args.quant}. {threads} threads. Perplexity of the "
           f"pruned student before distillation: {pruned_ppl:,.1f}.\n")
+    if precision is not None:
+        print(f"Kept int8 by measured sensitivity (--int8-mb {args.int8_mb:g}, linears {precision.size_mb:.1f} MB): "
+              f"{', '.join(precision.kept) or 'none'}\n")
     print(text)
     print("\nMarkdown:\n" + md)
     print("\nGreedy continuations of held-out BBC text:")

@@ -97,6 +97,19 @@ def test_compress_llm_quick_prints_decode_table_and_samples(tmp_path: Path, caps
     assert (Path(results["log_dir"]) / "results.json").exists()
 
 
+@pytest.mark.real_weights
+def test_compress_llm_int8_mb_keeps_the_measured_most_sensitive_linears_int8(tmp_path: Path, capsys) -> None:
+    results = _example("compress_llm").main(["--quick", "--no-qat", "--int8-mb", "0.6", "--samples", "0",
+                                             "--out-dir", str(tmp_path)])
+    kept = results["int8_linears"]
+    teacher, teacher_int4, final = results["rows"]
+    assert kept and f"+ {len(kept)} int8 linears" in final["name"]
+    assert "Kept int8 by measured sensitivity" in capsys.readouterr().out
+    with pytest.raises(SystemExit):  # QAT trained the int4 grid, not the float weights the sensitivity reads
+        _example("compress_llm").parse_args(["--int8-mb", "2"])
+    assert "--int8-mb needs --quant int4_wo --no-qat" in capsys.readouterr().err
+
+
 def test_add_to_existing_prunes_a_plain_user_module(tmp_path: Path, capsys) -> None:
     result = _example("add_to_existing").main(["--quick", "--out-dir", str(tmp_path)])
     assert result["params_after"] < result["params_before"]
