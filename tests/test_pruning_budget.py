@@ -350,10 +350,15 @@ def test_each_timing_round_uses_a_fresh_runtime_session(monkeypatch) -> None:
 
     class Session:
         def __init__(self, true_ms: float) -> None:
-            self.true_ms, self.opened, self.slow = true_ms, 0, True  # the first session is a slow one
+            self.true_ms, self.opened, self.spinning = true_ms, 0, True
 
-        def reopen(self) -> None:
-            self.opened, self.slow = self.opened + 1, False
+        @property
+        def slow(self) -> bool:
+            return self.opened <= 1  # the first session timed (reopened once, at build, without spinning) is slow
+
+        def reopen(self, spinning: bool | None = None) -> None:
+            self.opened += 1
+            self.spinning = self.spinning if spinning is None else spinning
 
     built: list[SimpleNamespace] = []
 
@@ -370,7 +375,9 @@ def test_each_timing_round_uses_a_fresh_runtime_session(monkeypatch) -> None:
     dense, half = SimpleNamespace(true_ms=10.0), SimpleNamespace(true_ms=5.0)
     fn = final.deployed_latency_fn({}, "ort_int8", reference=dense, rounds=3)
     assert fn(half) == pytest.approx(0.5 * fn.anchor_ms)  # median of 1.5x, 1x, 1x
-    assert built[-1].compiled.opened == 2  # rounds - 1 fresh sessions after the first
+    assert built[-1].compiled.opened == 3  # one at build (spinning off), then rounds - 1 fresh sessions
+    # timed side by side in one process, no session's idle workers spin (they took a core from the next one)
+    assert all(not form.compiled.spinning for form in built)
     assert final.deployed_latency_fn({}, "ort_int8", rounds=3)(half) == pytest.approx(5.0)  # unanchored: same rule
     one = final.deployed_latency_fn({}, "ort_int8", reference=dense, rounds=1)
     assert one(half) == pytest.approx(0.75 * one.anchor_ms)  # one round is one draw: the slow session shows

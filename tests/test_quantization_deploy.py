@@ -126,6 +126,19 @@ def test_ort_backends_match_the_reference_and_keep_the_output_type() -> None:
     assert int8.compiled.session is not before
     torch.testing.assert_close(int8(**inputs).logits, out, atol=0, rtol=0)
 
+    def spins(session: Any) -> bool:
+        try:
+            return session.get_session_options().get_session_config_entry("session.intra_op.allow_spinning") != "0"
+        except RuntimeError:  # not set: ONNX Runtime's default, spinning
+            return True
+
+    assert spins(int8.compiled.session)  # a server's default
+    int8.compiled.reopen(spinning=False)  # for timing beside other sessions: idle workers block
+    assert not spins(int8.compiled.session)
+    int8.compiled.reopen()  # the choice is kept by later reopens
+    assert not spins(int8.compiled.session)
+    torch.testing.assert_close(int8(**inputs).logits, out, atol=0, rtol=0)
+
 
 def test_config_of_the_wrong_type_names_the_argument() -> None:
     with pytest.raises(TypeError, match=r"`config` must be a QuantizationConfig, a scheme name.*got int"):

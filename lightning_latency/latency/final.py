@@ -117,7 +117,8 @@ class DeployedLatency(AnchoredLatency):
     Each round times a fresh ONNX Runtime session of the candidate's graph (:meth:`OrtModel.reopen`): sessions of
     one graph differ in speed by up to ±15% on a 2-core machine (measured: ~3% spread within a session), so one
     session is one draw and the median over rounds is the figure a server would see. Unanchored calls return the
-    median over ``rounds`` sessions' p50 the same way.
+    median over ``rounds`` sessions' p50 the same way. The sessions' idle workers block instead of spinning
+    (:meth:`OrtModel.reopen`): spinning ones took a core from the session timed next, so readings were bimodal.
     """
 
     def __init__(self, example_inputs: Any, backend: str, config: Any, settings: LatencyConfig, rounds: int) -> None:
@@ -126,7 +127,11 @@ class DeployedLatency(AnchoredLatency):
         self.settings = settings.replace(compile=False)
 
     def _build(self, model: nn.Module) -> Any:
-        return deployed_copy(model, self.example_inputs, self.backend, self.config, info=lambda _msg: None)[0]
+        fast = deployed_copy(model, self.example_inputs, self.backend, self.config, info=lambda _msg: None)[0]
+        session = getattr(fast, "compiled", None)  # an OrtModel for the ONNX Runtime forms
+        if callable(getattr(session, "reopen", None)):
+            session.reopen(spinning=False)  # timed beside other sessions: spinning workers would take a core
+        return fast
 
     def _reference_form(self, model: nn.Module) -> Any:
         return self._build(model)  # deployed_copy works on a deep copy already
