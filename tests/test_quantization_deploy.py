@@ -126,7 +126,7 @@ def test_ort_backends_match_the_reference_and_keep_the_output_type() -> None:
     assert int8.compiled.session is not before
     torch.testing.assert_close(int8(**inputs).logits, out, atol=0, rtol=0)
 
-    def spins(session: Any) -> bool:
+    def spins(session: object) -> bool:
         try:
             return session.get_session_options().get_session_config_entry("session.intra_op.allow_spinning") != "0"
         except RuntimeError:  # not set: ONNX Runtime's default, spinning
