@@ -472,9 +472,11 @@ def test_resume_with_depth_gives_the_same_allocation_and_weights(tmp_path: Path)
     _resume_matches(tmp_path, checkpoint, HFModule(model=tiny_bert(layers=3)), callbacks, full, full_callbacks)
 
 
-def test_landing_brings_the_last_removals_within_five_percent_of_the_target() -> None:
+def test_landing_brings_the_last_removals_into_the_upper_half_of_the_window() -> None:
     """The greedy order starts with big moves (whole layers); near the target a smaller later move that fits is
-    brought forward, so the model lands close to the budget instead of far below it."""
+    brought forward, so the model lands close to the budget instead of far below it. It aims at the middle of the
+    5% window, not its floor, so a later reading a few percent lower still lands within 5% (aiming at the floor,
+    targets of 45% and 85% of dense landed 4.0% and 2.7% under)."""
     from lightning_latency.pruning.budget_pruner import BudgetPruner
 
     def concave(model: nn.Module) -> float:
@@ -494,7 +496,7 @@ def test_landing_brings_the_last_removals_within_five_percent_of_the_target() ->
         dense = latency(_identity_layer_bert())  # concave: below ~65% only a whole layer is left to take
         landed = {f: run(latency, f * dense, 0.05) for f in fractions}
         plain = {f: run(latency, f * dense, None) for f in landed}
-        assert all(-0.05 <= v <= 0 for v in landed.values()), (latency.__name__, landed)
+        assert all(-0.025 <= v <= 0 for v in landed.values()), (latency.__name__, landed)
         assert any(v < -0.05 for v in plain.values()), plain  # without landing some target is overshot
 
 
