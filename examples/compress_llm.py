@@ -29,7 +29,7 @@ training) and the final student: TTFT, time per output token (TPOT), tokens/s, M
 bytes/s), size, and perplexity on held-out BBC articles; and greedy continuations of a few held-out prompts from
 teacher and final student. Writes ``results.json`` into the run's log dir.
 
-    python -m examples.compress_llm                  # about 20 min on 2 quiet cores (the fit ~15 of them)
+    python -m examples.compress_llm                  # 23 min on 2 AVX2 cores (the fit 19 of them), measured
     python -m examples.compress_llm --quick          # smoke run
     python -m examples.compress_llm --steps 300 --layers-removed 6 --peak-bandwidth 20e9
 """
