@@ -294,15 +294,20 @@ def test_deploy_backend_deploys_every_candidate_of_the_sensitivity_pass(tmp_path
 
     deployed: list[dict[str, Any]] = []
 
+    clock = _FakeClock(monkeypatch)
+
+    def ms(form: Any) -> float:  # a deployed form's latency: the fake latency of the structure it came from
+        return FIXED_MS + sum(v.get("heads", 0) * HEAD_MS + v.get("neurons", 0) * NEURON_MS
+                              for v in form.structure.values())
+
     def fake_deployed_copy(model: nn.Module, inputs: Any, backend: str, config: Any = None, info: Any = None):
         deployed.append({"backend": backend, "structure": structure(model)})
-        return SimpleNamespace(structure=deployed[-1]["structure"]), {"backend": backend}
+        form = clock.form(lambda: ms(form))
+        form.structure = deployed[-1]["structure"]
+        return form, {"backend": backend}
 
     monkeypatch.setattr(final, "deployed_copy", fake_deployed_copy)
-    # a deployed form's p50: the fake latency of the structure it was deployed from
-    monkeypatch.setattr(final, "measure_latency", lambda fast, inputs, config=None: SimpleNamespace(
-        p50_ms=FIXED_MS + sum(v.get("heads", 0) * HEAD_MS + v.get("neurons", 0) * NEURON_MS
-                              for v in fast.structure.values())))
+    monkeypatch.setattr(final, "measure_latency", lambda fast, inputs, config=None: SimpleNamespace(p50_ms=ms(fast)))
     module = HFModule(kind="bert")
     dense, dense_structure = fake_latency(module.model), structure(module)
     inputs = {k: v[:1] for k, v in _batches(1)[0].items() if k != "labels"}
@@ -315,6 +320,46 @@ def test_deploy_backend_deploys_every_candidate_of_the_sensitivity_pass(tmp_path
     assert len(deployed) >= 1 + units + len(budget.history)  # anchor, every sensitivity candidate, every step
     assert budget.pruner.latency_fn.anchor_ms == pytest.approx(dense)
     assert budget.measured_ms is not None and budget.measured_ms <= 0.55 * dense
+
+
+class _FakeClock:
+    """Stands in for ``time.perf_counter`` in :mod:`lightning_latency.latency.anchored`: it moves only when a fake
+    form is called, by that form's latency (ms) times ``slow(call index)``."""
+
+    def __init__(self, monkeypatch: Any, slow: Any = None) -> None:
+        import lightning_latency.latency.anchored as anchored
+
+        self.now, self.calls, self.slow = 0.0, 0, slow or (lambda i: 1.0)
+        monkeypatch.setattr(anchored, "time", SimpleNamespace(perf_counter=lambda: self.now))
+
+    def form(self, ms: Any) -> Any:
+        clock = self
+
+        class Form:
+            def __call__(self, *_args: Any, **_inputs: Any) -> None:
+                clock.now += ms() * clock.slow(clock.calls)
+                clock.calls += 1
+
+            call = __call__
+
+        return Form()
+
+
+def test_alternated_calls_cancel_a_burst_that_blocks_do_not(monkeypatch) -> None:
+    """Other work makes the machine 30% slower for 12 calls in a row. Timed in blocks (c r r c), the burst lands in
+    one block and skews the ratio; alternated call by call, it hits both forms alike and the ratio stays true."""
+    from lightning_latency.latency.anchored import alternated_ratio
+
+    for start in (0, 7, 20, 33):
+        clock = _FakeClock(monkeypatch, slow=lambda i, s=start: 1.3 if s <= i < s + 12 else 1.0)
+        half, dense = clock.form(lambda: 5.0), clock.form(lambda: 10.0)
+        assert alternated_ratio(half.call, dense.call, pairs=30) == pytest.approx(0.5, rel=0.01), start
+    blocks = []
+    for start in (0, 7, 20, 33):  # the same bursts, blocks of 10 calls each: c r r c
+        slow = [1.3 if start <= i < start + 12 else 1.0 for i in range(40)]
+        c1, r1, r2, c2 = (sum(ms * s for s in slow[10 * k:10 * k + 10]) for k, ms in enumerate((5, 10, 10, 5)))
+        blocks.append((c1 * c2 / (r1 * r2)) ** 0.5)
+    assert max(abs(b / 0.5 - 1) for b in blocks) > 0.05, blocks
 
 
 def test_anchored_deployed_latency_cancels_machine_drift(monkeypatch) -> None:
@@ -334,7 +379,7 @@ def test_anchored_deployed_latency_cancels_machine_drift(monkeypatch) -> None:
     dense, half = SimpleNamespace(true_ms=10.0), SimpleNamespace(true_ms=5.0)
     plain = final.deployed_latency_fn({}, "ort")
     assert plain(dense) < plain(dense) < plain(dense)  # drift shows as a slower model
-    anchored = final.deployed_latency_fn({}, "ort", reference=dense, rounds=2)
+    anchored = final.deployed_latency_fn({}, "ort", reference=dense, rounds=2, alternate=False)  # blocks, c r r c
     anchor = anchored.anchor_ms
     for _ in range(4):
         assert anchored(half) == pytest.approx(anchor * 0.5)
@@ -373,13 +418,13 @@ def test_each_timing_round_uses_a_fresh_runtime_session(monkeypatch) -> None:
     monkeypatch.setattr(final, "deployed_copy", fake_copy)
     monkeypatch.setattr(final, "measure_latency", fake_measure)
     dense, half = SimpleNamespace(true_ms=10.0), SimpleNamespace(true_ms=5.0)
-    fn = final.deployed_latency_fn({}, "ort_int8", reference=dense, rounds=3)
+    fn = final.deployed_latency_fn({}, "ort_int8", reference=dense, rounds=3, alternate=False)
     assert fn(half) == pytest.approx(0.5 * fn.anchor_ms)  # median of 1.5x, 1x, 1x
     assert built[-1].compiled.opened == 3  # one at build (spinning off), then rounds - 1 fresh sessions
     # timed side by side in one process, no session's idle workers spin (they took a core from the next one)
     assert all(not form.compiled.spinning for form in built)
     assert final.deployed_latency_fn({}, "ort_int8", rounds=3)(half) == pytest.approx(5.0)  # unanchored: same rule
-    one = final.deployed_latency_fn({}, "ort_int8", reference=dense, rounds=1)
+    one = final.deployed_latency_fn({}, "ort_int8", reference=dense, rounds=1, alternate=False)
     assert one(half) == pytest.approx(0.75 * one.anchor_ms)  # one round is one draw: the slow session shows
 
 

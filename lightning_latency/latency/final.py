@@ -20,6 +20,7 @@ from torch import nn
 from lightning_latency.latency.anchored import AnchoredLatency
 from lightning_latency.latency.compiled import _deepcopy_detached
 from lightning_latency.latency.config import LatencyConfig
+from lightning_latency.latency._inputs import call_model
 from lightning_latency.latency.measure import LatencyReport, measure_latency
 
 _log = logging.getLogger(__name__)
@@ -110,7 +111,9 @@ class DeployedLatency(AnchoredLatency):
     """``latency_fn(model) -> p50 ms`` of the ``backend`` deployment form of ``model``; see :func:`deployed_latency_fn`.
 
     Anchored (after :meth:`anchor`), each call times the candidate's deployment form beside the reference's in
-    ``rounds`` rounds of ``c r r c`` (:class:`~lightning_latency.latency.anchored.AnchoredLatency`): a value on the
+    ``rounds`` rounds: single calls alternated (``alternate``, the default: a ratio sd of 0.003 where blocks of
+    ``c r r c`` gave 0.069 on a shared 2-core machine) or blocks
+    (:class:`~lightning_latency.latency.anchored.AnchoredLatency`): a value on the
     scale of the reference's p50 at anchoring, from which machine drift (other work, clocks, caches: ~10% between
     minutes on a shared 2-core machine) cancels.
 
@@ -121,10 +124,19 @@ class DeployedLatency(AnchoredLatency):
     (:meth:`OrtModel.reopen`): spinning ones took a core from the session timed next, so readings were bimodal.
     """
 
-    def __init__(self, example_inputs: Any, backend: str, config: Any, settings: LatencyConfig, rounds: int) -> None:
+    def __init__(self, example_inputs: Any, backend: str, config: Any, settings: LatencyConfig, rounds: int,
+                 alternate: bool = True) -> None:
         super().__init__(rounds)
         self.example_inputs, self.backend, self.config = example_inputs, backend, config
         self.settings = settings.replace(compile=False)
+        self.alternate = bool(alternate)
+
+    def _pair(self, form: Any) -> tuple[Callable[[], Any], Callable[[], Any], int] | None:
+        if not self.alternate:
+            return None
+        inputs, reference = self.example_inputs, self._reference
+        return (lambda: call_model(form, inputs)), (lambda: call_model(reference, inputs)), \
+            max(2 * self.settings.min_runs, 20)
 
     def _build(self, model: nn.Module) -> Any:
         fast = deployed_copy(model, self.example_inputs, self.backend, self.config, info=lambda _msg: None)[0]
@@ -147,7 +159,7 @@ class DeployedLatency(AnchoredLatency):
 
 def deployed_latency_fn(example_inputs: Any, backend: str = "ort_int8", config: Any = None,
                         latency: LatencyConfig | None = None, reference: nn.Module | None = None,
-                        rounds: int = 3) -> DeployedLatency:
+                        rounds: int = 3, alternate: bool = True) -> DeployedLatency:
     """``latency_fn(model) -> p50 ms`` of the ``backend`` deployment form of ``model`` on ``example_inputs``.
 
     For :class:`~lightning_latency.pruning.budget_callback.LatencyBudgetPruning` (``deploy_backend=``) and
@@ -158,8 +170,9 @@ def deployed_latency_fn(example_inputs: Any, backend: str = "ort_int8", config: 
     once on the dense model to see which form wins on this machine.
 
     With ``reference`` (typically the dense model; ``LatencyBudgetPruning`` anchors on the model it starts from),
-    every call is timed side by side with the reference's deployment form (``rounds`` of candidate, reference,
-    reference, candidate) and returned on
+    every call is timed side by side with the reference's deployment form (``rounds`` rounds, each of single calls
+    of candidate and reference alternated, ``alternate=True``, :func:`~lightning_latency.latency.anchored.
+    alternated_ratio`; ``alternate=False``: blocks of candidate, reference, reference, candidate) and returned on
     the scale of the reference's first p50 (:class:`DeployedLatency`): a budget of 40% of dense then means 40% of
     the dense model *as measured next to the candidate*, not of a figure taken minutes earlier on a machine whose
     speed has moved since.
@@ -176,7 +189,7 @@ def deployed_latency_fn(example_inputs: Any, backend: str = "ort_int8", config: 
                          "backend='auto') once on the dense model says which form is fastest here).")
     name = parse_enum(Backend, backend, "deploy_backend").value
     fn = DeployedLatency(example_inputs, name, config, latency or LatencyConfig(warmup=2, min_runs=15, max_time_s=1.5),
-                         rounds)
+                         rounds, alternate)
     if reference is not None:
         fn.anchor(reference)
     return fn
