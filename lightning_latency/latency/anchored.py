@@ -4,9 +4,11 @@ A 2-core shared machine moves 10-30% between minutes, so a budget run that compa
 now with a dense figure taken twenty minutes ago compares two machines. :class:`AnchoredLatency` times the
 candidate ``c`` and the reference ``r`` in rounds of ``c r r c`` and returns ``anchor_ms × median over rounds of
 √(c₁c₂ / r₁r₂)``: the candidate's latency as the machine would have shown it when the reference was first timed.
-Drift steady over a round cancels exactly (the symmetric order puts both at the same mean time). Subclasses say
-what a model's timed form is (:meth:`_build`), how one timing is taken (:meth:`_time`) and how a form gets a fresh
-runtime session between rounds (:meth:`_renew`).
+Drift steady over a round cancels exactly (the symmetric order puts both at the same mean time). Bursts shorter
+than a block do not: a subclass that can make single calls (:meth:`_pair`) is timed call by call, alternated
+(:func:`alternated_ratio`), instead. Subclasses say what a model's timed form is (:meth:`_build`), how one timing
+is taken (:meth:`_time`), how a form gets a fresh runtime session between rounds (:meth:`_renew`) and, optionally,
+how to call it once (:meth:`_pair`).
 """
 
 from __future__ import annotations
