@@ -140,9 +140,9 @@ class DeployedLatency(AnchoredLatency):
 
     def _build(self, model: nn.Module) -> Any:
         fast = deployed_copy(model, self.example_inputs, self.backend, self.config, info=lambda _msg: None)[0]
-        session = getattr(fast, "compiled", None)  # an OrtModel for the ONNX Runtime forms
-        if callable(getattr(session, "reopen", None)):
-            session.reopen(spinning=False)  # timed beside other sessions: spinning workers would take a core
+        from lightning_latency.quantization.onnx import set_spinning
+
+        set_spinning(fast, False)  # timed beside other sessions: spinning workers would take a core
         return fast
 
     def _reference_form(self, model: nn.Module) -> Any:

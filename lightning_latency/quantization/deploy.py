@@ -31,6 +31,7 @@ from lightning_latency.quantization.onnx import (
     plain_output,
     quantize_onnx_dynamic,
     require_onnxruntime,
+    set_spinning,
 )
 from lightning_latency.quantization.qat import (
     convert_qat,
@@ -442,16 +443,6 @@ def deploy(
             m.training = was
 
 
-def _set_spinning(forms: Any, spinning: bool) -> None:
-    """Reopen the ONNX Runtime sessions among ``forms`` with idle workers spinning or blocking. Timed one after
-    another in one process, a spinning session's idle workers took a core from the form timed next (AVX2 EPYC,
-    2 cores: one graph read 4.0 or ~8 ms by draw; IQR of paired ratios 0.18-0.25 spinning, 0.02-0.07 blocking)."""
-    for form in forms:
-        session = getattr(form, "compiled", None)  # an OrtModel for the ONNX Runtime forms
-        if callable(getattr(session, "reopen", None)) and getattr(session, "spinning", spinning) != spinning:
-            session.reopen(spinning=spinning)
-
-
 def _auto(model: nn.Module, args: tuple, kwargs: dict, names: list[str], config: QuantizationConfig,
           calibration: list[Any], compile: bool, wrap: Any, tried: list[Backend], tolerance: float, rounds: int,
           timer: Any, cpuinfo: str | None) -> DeployedModel:
@@ -477,7 +468,8 @@ def _auto(model: nn.Module, args: tuple, kwargs: dict, names: list[str], config:
                         if check.rel_error > tolerance else f"{check.confident_flips} confident argmax flip(s)")
         built[backend.value] = form
     if built:
-        _set_spinning(built.values(), False)  # timed side by side: one session's spinning workers take a core
+        for form in built.values():  # timed side by side: one session's spinning workers take a core
+            set_spinning(form, False)
         medians = (timer or time_candidates)(built, kwargs if kwargs else (args[0] if len(args) == 1 else args),
                                              rounds)
         for name, values in medians.items():
@@ -487,7 +479,7 @@ def _auto(model: nn.Module, args: tuple, kwargs: dict, names: list[str], config:
                 else None
     chosen, why = choose(list(rows.values()))
     result = built[chosen]
-    _set_spinning([result], True)  # shipped alone: ONNX Runtime's default, ~6% faster than blocking workers
+    set_spinning(result, True)  # shipped alone: ONNX Runtime's default, ~6% faster than blocking workers
     result.report = DeployReport(list(rows.values()), chosen, why, shapes=_shapes(args, kwargs), tolerance=tolerance,
                                  rounds=rounds, isa=isa_summary(isa_flags(cpuinfo)))
     for name in list(built):  # free the losers' compiled graphs and sessions
