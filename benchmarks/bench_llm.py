@@ -11,8 +11,8 @@ One run, side by side (batch 1, prompt 64, 64 new tokens, greedy, 2 threads):
 * with ``--student``, trained students (each pruned from the teacher, then distilled on BBC training blocks):
   10% of every layer's query heads and MLP neurons by **activation** vs **Taylor** importance, same KD steps
   (magnitude scored before recovery only); and 4 whole layers removed by block importance
-  (``BENCH_LLM_STUDENT_LAYERS``) + KD, then two branches with the same steps: fp32 (then int4 PTQ) and int4 g32
-  weight-only **QAT+KD** (the combined best), plus perplexities before recovery; and through **llama.cpp**: the
+  (``BENCH_LLM_STUDENT_LAYERS``), then two branches of the same KD steps from the pruned student: fp32 (then int4
+  PTQ) and int4 g32 weight-only **QAT+KD** from the first step (the combined best, the example's recipe), plus perplexities before recovery; and through **llama.cpp**: the
   shipped Q4_1 GGUF (the peer), our Q4_1 export of the teacher (sanity: the same format) and the combined student
   exported at Q4_1 from its trained int4 grid (``export_gguf`` writes it from the fake-quantized weights).
 
@@ -56,9 +56,9 @@ BENCH = "llm"
 
 def _settings(quick: bool) -> dict[str, Any]:
     if quick:
-        return dict(prompt=16, new=8, rounds=1, runs=2, ppl_blocks=4, seq=64, kd_steps=2, qat_steps=2,
+        return dict(prompt=16, new=8, rounds=1, runs=2, ppl_blocks=4, seq=64, kd_steps=2,
                     width_steps=2, width=0.25, layers=1, train_blocks=16, batch=2)
-    return dict(prompt=64, new=64, rounds=3, runs=3, ppl_blocks=64, seq=128, kd_steps=100, qat_steps=60,
+    return dict(prompt=64, new=64, rounds=3, runs=3, ppl_blocks=64, seq=128, kd_steps=160,
                 width_steps=30, width=0.1, layers=int(os.environ.get("BENCH_LLM_STUDENT_LAYERS", "4")),
                 train_blocks=2400, batch=4)
 
@@ -124,9 +124,10 @@ class _Students:
 
     * width, activation vs Taylor: ``width`` of every layer's query heads and MLP neurons by each importance, the same
       KD steps (magnitude, ``l2``, is scored before recovery only: it wrecks the model);
-    * depth: ``layers`` whole layers removed by block importance, ``kd_steps`` of KD, then the lm_head untied and two
-      branches of ``qat_steps`` each: fp32 (then int4 PTQ) and int4 g32 weight-only QAT (then converted: the
-      combined best), so PTQ and QAT see the same steps.
+    * depth: ``layers`` whole layers removed by block importance, the lm_head untied, then two branches of the same
+      ``kd_steps`` of KD from the pruned student: fp32 (then int4 PTQ) and int4 g32 weight-only QAT from the first
+      step (then converted: the combined best, ``examples/compress_llm.py``'s recipe), so PTQ and QAT see the same
+      steps.
     """
 
     def __init__(self, teacher: nn.Module, train: Any, bbc_test: Any, s: dict[str, Any]) -> None:
@@ -147,13 +148,12 @@ class _Students:
         depth = student_from_pruned_teacher(teacher, 0.0, layers_removed=k, calibration=cal)
         self.before[f"-{k} layers (block importance)"] = tasks.perplexity(depth, bbc_test)
         depth.model.embed_tokens.requires_grad_(False)
-        depth = tasks.distil_lm(depth, teacher, train, s["kd_steps"], s["batch"], 3e-4, seed=0)
-        tasks.untie_lm_head(depth)
+        tasks.untie_lm_head(depth)  # the lm_head trains toward its own grid; the embedding stays frozen
         qat = copy.deepcopy(depth)
-        steps = s["kd_steps"] + s["qat_steps"]
-        fp32 = tasks.distil_lm(depth, teacher, train, s["qat_steps"], s["batch"], 1e-4, seed=1)
-        prepare_weight_only_qat(qat, bits=4, group_size=32)  # every Linear incl. the untied lm_head
-        qat = tasks.distil_lm(qat, teacher, train, s["qat_steps"], s["batch"], 1e-4, seed=1)
+        steps = s["kd_steps"]
+        fp32 = tasks.distil_lm(depth, teacher, train, steps, s["batch"], 3e-4, seed=0)
+        prepare_weight_only_qat(qat, bits=4, group_size=32)  # every Linear incl. the untied lm_head, from step 0
+        qat = tasks.distil_lm(qat, teacher, train, steps, s["batch"], 3e-4, seed=0)
         self.qat_prepared = copy.deepcopy(qat)  # for the GGUF export: the fake-quant grid the last step trained on
         convert_weight_only_qat(qat)
         ptq = copy.deepcopy(fp32)
