@@ -14,8 +14,8 @@ same data order and steps) on BBC News training blocks:
   for SmolLM2), the fraction bisected on pruned copies to match the decode speed the budget run reached.
 
 Every TPOT (sensitivity candidates, in-fit steps, re-measurements) is timed side by side with the dense teacher
-(``decode_latency_fn(reference=teacher)``: candidate, dense, dense, candidate) on the scale of the dense TPOT taken
-at the start, so the machine's drift over the ~50 min run cancels.
+(``decode_latency_fn(reference=teacher)``: single TPOT readings of candidate and dense alternated) on the scale of
+the dense TPOT taken at the start, so the machine's drift over the ~50 min run and its bursts cancel.
 
 Reported: decode tokens/s of both arms against the budget (re-measured after the fit, median of 3), held-out BBC
 perplexity (articles no step trained on) of the teacher and both arms, and what the budget removed.
@@ -68,7 +68,7 @@ def main(quick: bool = False) -> list[dict[str, str]]:
     teacher.eval()
     train, test = tasks.bbc_lm_splits(tokenizer, seq_len=s["seq"], n_train=s["train_blocks"], n_test=s["ppl_blocks"])
     prompt = test[0]["input_ids"][None, : s["prompt"]]
-    # every TPOT below is timed beside the dense teacher (candidate, dense, dense, candidate) on its scale
+    # every TPOT below is timed beside the dense teacher (single readings alternated) on its scale
     tpot = decode_latency_fn(prompt, new_tokens=s["new"], reference=teacher,
                              config=LatencyConfig(warmup=1, min_runs=3, max_time_s=2.0 if quick else 6.0))
 

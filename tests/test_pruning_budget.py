@@ -612,7 +612,7 @@ def test_decode_latency_fn_times_greedy_decoding() -> None:
 
 
 def test_anchored_decode_latency_keeps_a_frozen_reference_and_cancels_drift(monkeypatch) -> None:
-    """decode_latency_fn(reference=dense): the reference is copied (pruning the dense model later does not move the
+    """decode_latency_fn(reference=dense, alternate=False): the reference is copied (pruning the dense model later does not move the
     scale), and a machine slowing 5% per timing gives every call the true TPOT ratio x the anchor."""
     import lightning_latency.latency.generation as generation
     from lightning_latency.latency import decode_latency_fn
@@ -627,7 +627,7 @@ def test_anchored_decode_latency_keeps_a_frozen_reference_and_cancels_drift(monk
 
     monkeypatch.setattr(generation, "measure_generation", fake_generation)
     dense = tiny_llama()
-    fn = decode_latency_fn(torch.zeros(1, 4, dtype=torch.long), reference=dense, rounds=2)
+    fn = decode_latency_fn(torch.zeros(1, 4, dtype=torch.long), reference=dense, rounds=2, alternate=False)
     anchor = fn.anchor_ms
     pruned = copy.deepcopy(dense)
     apply_moves(pruned, [Move("model.layers.1", "block", 1.0)])  # one of two layers gone: half the TPOT
@@ -637,6 +637,46 @@ def test_anchored_decode_latency_keeps_a_frozen_reference_and_cancels_drift(monk
     assert fn(pruned) == pytest.approx(anchor / 2)  # ... the reference it was anchored on does not
     with pytest.raises(ValueError, match=r"`rounds` must be a positive integer .* got 0"):
         decode_latency_fn(torch.zeros(1, 4, dtype=torch.long), rounds=0)
+
+
+def test_tpot_sample_is_one_greedy_reading_in_eval_mode() -> None:
+    from lightning_latency.latency.generation import tpot_sample_ms
+
+    model = tiny_llama().train()
+    ms = tpot_sample_ms(model, _batches(1)[0]["input_ids"][:1, :8], new_tokens=4)
+    assert ms >= 0.0 and model.training
+
+
+def test_alternated_decode_latency_cancels_a_burst_and_keeps_its_reference(monkeypatch) -> None:
+    """decode_latency_fn(reference=dense) alternates single TPOT readings: a burst making the machine 30% slower
+    for 3 readings in a row (seconds, on a real model) leaves the ratio true wherever it falls; the reference is a
+    frozen copy."""
+    import lightning_latency.latency.generation as generation
+    from lightning_latency.latency import LatencyConfig, decode_latency_fn
+    from lightning_latency.pruning.depth import find_layers, skipped_layers
+
+    calls = {"n": 0, "burst": -100}
+
+    def fake_sample(model: Any, *_args: Any) -> float:
+        calls["n"] += 1
+        slow = 1.3 if calls["burst"] <= calls["n"] < calls["burst"] + 3 else 1.0
+        return 10.0 * (len(find_layers(model)) - len(skipped_layers(model))) * slow
+
+    monkeypatch.setattr(generation, "tpot_sample_ms", fake_sample)
+    monkeypatch.setattr(generation, "measure_generation", lambda model, *a, **k: SimpleNamespace(
+        tpot_ms=fake_sample(model)))
+    dense = tiny_llama()
+    fn = decode_latency_fn(torch.zeros(1, 4, dtype=torch.long), reference=dense,
+                           config=LatencyConfig(warmup=1, min_runs=3))
+    assert fn.anchor_ms == pytest.approx(20.0)
+    pruned = copy.deepcopy(dense)
+    apply_moves(pruned, [Move("model.layers.1", "block", 1.0)])  # one of two layers gone: half the TPOT
+    for burst in (3, 6, 8, 11, 14):
+        calls["n"], calls["burst"] = 0, burst
+        assert fn(pruned) == pytest.approx(10.0, rel=0.01)
+    apply_moves(dense, [Move("model.layers.1", "block", 1.0)])
+    calls["burst"] = -100
+    assert fn(pruned) == pytest.approx(10.0)  # the caller's dense model changed; the reference did not
 
 
 @pytest.mark.parametrize(

@@ -23,7 +23,7 @@ from torch import nn
 
 
 def alternated_ratio(candidate: Callable[[], Any], reference: Callable[[], Any], pairs: int, warmup: int = 2,
-                     clock: Callable[[], float] | None = None) -> float:
+                     clock: Callable[[], float] | None = None, self_timed: bool = False) -> float:
     """``median(candidate call times) / median(reference call times)`` over ``pairs`` pairs of single calls, the
     order flipped every pair (c r, r c, c r, ...), after ``warmup`` calls of each.
 
@@ -32,6 +32,8 @@ def alternated_ratio(candidate: Callable[[], Any], reference: Callable[[], Any],
     repeats): blocks of 40 calls in c r r c order gave ratios 0.987-1.246 (sd 0.069); 80 alternated pairs gave
     0.998-1.010 (sd 0.003). A single long-lived session's p50 moved 15-32% between blocks seconds apart, so the
     noise is the machine's, not the sessions'.
+
+    ``self_timed``: each call returns its own reading (e.g. a TPOT), used instead of its wall time.
     """
     clock = clock or time.perf_counter
     for _ in range(warmup):
@@ -41,8 +43,8 @@ def alternated_ratio(candidate: Callable[[], Any], reference: Callable[[], Any],
     for i in range(pairs):
         for which in ((0, 1) if i % 2 == 0 else (1, 0)):
             start = clock()
-            (candidate if which == 0 else reference)()
-            times[which].append(clock() - start)
+            value = (candidate if which == 0 else reference)()
+            times[which].append(float(value) if self_timed else clock() - start)
     return statistics.median(times[0]) / statistics.median(times[1])
 
 
@@ -59,6 +61,8 @@ class AnchoredLatency:
 
     Unanchored, a call returns the median over ``rounds`` timings (each of a renewed form).
     """
+
+    self_timed = False  # True where the alternated calls of :meth:`_pair` return their own readings
 
     def __init__(self, rounds: int) -> None:
         self.rounds = check_rounds(rounds)
@@ -100,7 +104,7 @@ class AnchoredLatency:
     def _ratio(self, form: Any) -> float:
         pair = self._pair(form)
         if pair is not None:
-            return alternated_ratio(*pair)
+            return alternated_ratio(*pair, self_timed=self.self_timed)
         c1, r1, r2, c2 = self._time(form), self._time(self._reference), self._time(self._reference), self._time(form)
         return math.sqrt(c1 * c2 / (r1 * r2))
 

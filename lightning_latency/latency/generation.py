@@ -9,7 +9,8 @@ Greedy decoding (``do_sample=False``) keeps the work identical from run to run.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Mapping
+import time
+from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -110,6 +111,47 @@ def _prompt(model: nn.Module, inputs: Any, prompt_len: int, batch_size: int) -> 
     return {"input_ids": ids, "attention_mask": mask if isinstance(mask, torch.Tensor) else torch.ones_like(ids)}
 
 
+def _greedy_calls(model: nn.Module, run: Any, x: dict[str, torch.Tensor], new_tokens: int, fast: bool,
+                  fast_compile: bool) -> tuple[Any, Any]:
+    """``(first, full)``: greedy generation of 1 and of ``new_tokens`` tokens after prompt ``x`` by ``run`` (the
+    measured form of ``model``), through ``generate`` or the fast form."""
+    gen_cfg = getattr(model, "generation_config", None)
+    pad = getattr(gen_cfg, "pad_token_id", None)
+    pad = pad if pad is not None else getattr(gen_cfg, "eos_token_id", None)
+    pad = pad[0] if isinstance(pad, (list, tuple)) else (pad if pad is not None else 0)
+    common = dict(do_sample=False, use_cache=True, pad_token_id=pad)
+
+    def first() -> Any:
+        if fast:
+            return fast_generate(run, x["input_ids"], 1, fast_compile, x["attention_mask"])
+        return run.generate(**x, max_new_tokens=1, min_new_tokens=1, **common)
+
+    def full() -> Any:
+        if fast:
+            return fast_generate(run, x["input_ids"], new_tokens, fast_compile, x["attention_mask"])
+        return run.generate(**x, max_new_tokens=new_tokens, min_new_tokens=new_tokens, **common)
+
+    return first, full
+
+
+def tpot_sample_ms(model: nn.Module, prompt: Any, new_tokens: int, config: LatencyConfig | None = None,
+                   fast: bool = False) -> float:
+    """One TPOT reading: ``(T(new_tokens) - T(1)) / (new_tokens - 1)`` of one greedy call of each, no warm-up (what
+    :func:`alternated_ratio` alternates between a candidate and its reference). ``model`` is timed in eval mode
+    under ``config``'s threads/device, its own flags restored after."""
+    config = (config or LatencyConfig()).replace(compile=False)
+    with measuring(model, config, compile_forward_only=True) as session:
+        x = move_to(_prompt(model, prompt, 1, 1), session.device)
+        first, full = _greedy_calls(model, session.run, x, new_tokens, fast, True)
+        with torch.inference_mode():
+            start = time.perf_counter()
+            first()
+            mid = time.perf_counter()
+            full()
+            end = time.perf_counter()
+    return max((end - mid) - (mid - start), 0.0) * 1e3 / (new_tokens - 1)
+
+
 def measure_generation(model: nn.Module, inputs: Any = None, config: LatencyConfig | None = None,
                        prompt_len: int = 64, new_tokens: int = 32, batch_size: int = 1, fast: bool = False,
                        fast_compile: bool = True, **overrides: Any) -> GenerationReport:
@@ -152,25 +194,9 @@ def measure_generation(model: nn.Module, inputs: Any = None, config: LatencyConf
                              + (" TPOT = (T(N) - TTFT) / (N - 1) needs N >= 2." if name == "new_tokens" else ""))
     prompt = _prompt(model, inputs, prompt_len, batch_size)
     batch, plen = batch_size_of(prompt), int(prompt["input_ids"].shape[-1])
-    gen_cfg = getattr(model, "generation_config", None)
-    pad = getattr(gen_cfg, "pad_token_id", None)
-    pad = pad if pad is not None else getattr(gen_cfg, "eos_token_id", None)
-    pad = pad[0] if isinstance(pad, (list, tuple)) else (pad if pad is not None else 0)
-    common = dict(do_sample=False, use_cache=True, pad_token_id=pad)
     with measuring(model, config, compile_forward_only=True) as session:
-        run, dev = session.run, session.device
-        x = move_to(prompt, dev)
-
-        def first() -> Any:
-            if fast:
-                return fast_generate(run, x["input_ids"], 1, fast_compile, x["attention_mask"])
-            return run.generate(**x, max_new_tokens=1, min_new_tokens=1, **common)
-
-        def full() -> Any:
-            if fast:
-                return fast_generate(run, x["input_ids"], new_tokens, fast_compile, x["attention_mask"])
-            return run.generate(**x, max_new_tokens=new_tokens, min_new_tokens=new_tokens, **common)
-
+        dev = session.device
+        first, full = _greedy_calls(model, session.run, move_to(prompt, dev), new_tokens, fast, fast_compile)
         with torch.inference_mode():
             out = full()
             got = int(out.shape[-1]) - plen
@@ -204,16 +230,28 @@ def measure_generation(model: nn.Module, inputs: Any = None, config: LatencyConf
 class DecodeLatency(AnchoredLatency):
     """``latency_fn(model) -> TPOT ms`` of greedy decoding; see :func:`decode_latency_fn`."""
 
-    def __init__(self, prompt: Any, new_tokens: int, settings: LatencyConfig, fast: bool, rounds: int) -> None:
+    self_timed = True  # the alternated calls return their TPOT: a call's wall time would include the prefill
+
+    def __init__(self, prompt: Any, new_tokens: int, settings: LatencyConfig, fast: bool, rounds: int,
+                 alternate: bool = True) -> None:
         super().__init__(rounds)
         self.prompt, self.new_tokens, self.settings, self.fast = prompt, new_tokens, settings, fast
+        self.alternate = bool(alternate)
 
     def _time(self, model: nn.Module) -> float:
         return measure_generation(model, self.prompt, self.settings, new_tokens=self.new_tokens, fast=self.fast).tpot_ms
 
+    def _pair(self, form: Any) -> tuple[Callable[[], Any], Callable[[], Any], int] | None:
+        if not self.alternate:
+            return None
+        reference, args = self._reference, (self.prompt, self.new_tokens, self.settings, self.fast)
+        return (lambda: tpot_sample_ms(form, *args)), (lambda: tpot_sample_ms(reference, *args)), \
+            max(2 * self.settings.min_runs, 6)
+
 
 def decode_latency_fn(prompt: Any, new_tokens: int = 16, config: LatencyConfig | None = None,
-                      fast: bool = False, reference: nn.Module | None = None, rounds: int = 1) -> DecodeLatency:
+                      fast: bool = False, reference: nn.Module | None = None, rounds: int = 1,
+                      alternate: bool = True) -> DecodeLatency:
     """``latency_fn(model) -> TPOT ms`` of greedy decoding after ``prompt`` (batch 1 for a tokens/s budget).
 
     Decode tokens/s is ``1000 / TPOT``: pass this to
@@ -221,19 +259,22 @@ def decode_latency_fn(prompt: Any, new_tokens: int = 16, config: LatencyConfig |
     :func:`~lightning_latency.pruning.budget.layer_sensitivity`). ``fast`` times the static-cache compiled form
     (a compile per call: too slow for a sensitivity pass over many candidates; the eager ``generate`` ranks them).
 
-    With ``reference`` (the dense model; a frozen deep copy is kept), every call is timed beside it in ``rounds``
-    rounds of candidate, reference, reference, candidate and given on the scale of the reference's TPOT at this
-    call (:class:`~lightning_latency.latency.anchored.AnchoredLatency`): drift of the machine over a long fit
-    cancels, at four timings per round instead of one. Without it each call is the median of ``rounds`` timings.
+    With ``reference`` (the dense model; a frozen deep copy is kept), every call is timed beside it and given on the
+    scale of the reference's TPOT (:class:`~lightning_latency.latency.anchored.AnchoredLatency`): drift of the
+    machine over a long fit cancels. ``alternate`` (default) alternates single TPOT readings of candidate and
+    reference (:func:`tpot_sample_ms`, ``max(2 * min_runs, 6)`` pairs a round, the order flipped every pair), so a
+    burst of other work seconds long hits both alike; ``alternate=False`` times them in blocks of ``min_runs``
+    runs, candidate, reference, reference, candidate. Without ``reference`` each call is the median of ``rounds``
+    timings.
 
     Raises:
         ValueError: ``rounds`` not a positive integer.
     """
     fn = DecodeLatency(prompt, new_tokens, config or LatencyConfig(warmup=1, min_runs=3, max_time_s=4.0), fast,
-                       rounds)
+                       rounds, alternate)
     if reference is not None:
         fn.anchor(reference)
     return fn
 
 
-__all__ = ["DecodeLatency", "GenerationReport", "decode_latency_fn", "measure_generation"]
+__all__ = ["DecodeLatency", "GenerationReport", "decode_latency_fn", "measure_generation", "tpot_sample_ms"]
