@@ -26,7 +26,7 @@ minimum): int4 group-32 PTQ of the *teacher* is nearly lossless by construction 
 rounding of the scale) and proves nothing about int4 on a model trained in float. Judge int4 on the ``--student`` rows.
 
 Run: ``python -m benchmarks.bench_llm`` (teacher rows; compiles 5 decode steps, ~10 min on a quiet 2-core machine),
-``--student`` (adds the student and llama.cpp rows, +35–45 min), ``--quick`` (tiny random Llama with the real tokenizer and text;
+``--student`` (adds the student and llama.cpp rows; 78 min in all on 2 AVX2 cores), ``--quick`` (tiny random Llama with the real tokenizer and text;
 smoke run, numbers not meaningful).
 """
 
@@ -35,7 +35,6 @@ from __future__ import annotations
 import argparse
 import copy
 import os
-import random
 import statistics
 import time
 from typing import Any
@@ -85,14 +84,6 @@ def _tiny_llama(vocab: int) -> nn.Module:
     return LlamaForCausalLM(LlamaConfig(vocab_size=vocab, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
                                         num_key_value_heads=2, intermediate_size=128, max_position_embeddings=512,
                                         tie_word_embeddings=True)).eval()
-
-
-def _review_blocks(tokenizer: Any, n_blocks: int, seq: int) -> tasks.EncodedDataset:
-    """Rotten Tomatoes review snippets concatenated (EOS between) into ``seq``-token blocks: a second held-out text."""
-    texts, _ = assets.rotten_tomatoes()
-    order = list(range(len(texts)))
-    random.Random(0).shuffle(order)
-    return tasks.pack_blocks(tokenizer, (texts[i] for i in order), seq, n_blocks)
 
 
 def _variants(base: nn.Module, prefix: str = "") -> dict[str, tuple[nn.Module, bool]]:
@@ -203,7 +194,7 @@ def main(quick: bool = False, student: bool = False, rounds: int | None = None) 
         teacher = _tiny_llama(len(tokenizer))
     train, bbc_test = tasks.bbc_lm_splits(tokenizer, seq_len=s["seq"], n_train=s["train_blocks"] if student else 1,
                                           n_test=s["ppl_blocks"])
-    reviews = _review_blocks(tokenizer, s["ppl_blocks"], s["seq"])
+    reviews = tasks.review_lm_blocks(tokenizer, s["ppl_blocks"], s["seq"])
     variants = _variants(teacher)
     students = _Students(teacher, train, bbc_test, s) if student else None
     if students is not None:

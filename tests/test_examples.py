@@ -83,16 +83,20 @@ def test_compress_classifier_quick_runs_every_stage_and_writes_table_json_chart(
 
 
 @pytest.mark.real_weights
-def test_compress_llm_quick_prints_decode_table_and_samples(tmp_path: Path, capsys) -> None:
+def test_compress_llm_quick_prints_decode_table_and_samples(tmp_path: Path, capsys, recwarn) -> None:
     results = _example("compress_llm").main(["--quick", "--out-dir", str(tmp_path)])
-    out = capsys.readouterr().out
-    assert "TPOT ms" in out and "Greedy continuations" in out
+    captured = capsys.readouterr()
+    out = captured.out
+    assert "TPOT ms" in out and "ppl reviews" in out and "Greedy continuations" in out
+    assert "Epoch 0/-" not in out + captured.err and "litlogger" not in out + captured.err  # no Lightning noise
+    assert not [w for w in recwarn if "val_dataloader" in str(w.message)]
     teacher, teacher_int4, final = results["rows"]
     assert final["params_m"] < teacher_int4["params_m"]  # layers removed (same format)
     assert final["size_mb"] < teacher_int4["size_mb"] < 0.7 * teacher["size_mb"]  # int4 linears (fp32 embeddings)
     assert "QAT+KD" in final["name"]
     for r in results["rows"]:
         assert r["ttft_ms"] > 0 and r["tpot_ms"] > 0 and r["perplexity"] > 1 and r["mbu"] is None  # no peak given
+        assert r["perplexity_reviews"] > 1 and r["perplexity_reviews"] != r["perplexity"]  # a second held-out text
     assert all(isinstance(s, str) for s in results["samples"]["teacher fp32"])
     assert (Path(results["log_dir"]) / "results.json").exists()
 

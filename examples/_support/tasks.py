@@ -80,6 +80,15 @@ def pack_blocks(tokenizer: Any, texts: Iterable[str], seq_len: int, n_blocks: in
     return lm_blocks(torch.tensor(blocks))
 
 
+def review_lm_blocks(tokenizer: Any, n_blocks: int, seq_len: int = 128) -> EncodedDataset:
+    """Rotten Tomatoes review snippets, shuffled (seed 0) and packed (EOS between) into ``seq_len``-token blocks: a
+    second held-out English text for a model distilled on BBC News (nothing here trains on it)."""
+    texts, _ = assets.rotten_tomatoes()
+    order = list(range(len(texts)))
+    random.Random(0).shuffle(order)
+    return pack_blocks(tokenizer, (texts[i] for i in order), seq_len, n_blocks)
+
+
 def bbc_lm_splits(
     tokenizer: Any, seq_len: int = 128, n_train: int = 512, n_test: int = 64, seed: int = 0
 ) -> tuple[EncodedDataset, EncodedDataset]:
@@ -205,13 +214,23 @@ def start_run(threads: int | None, seed: int) -> int:
     return n
 
 
+def quiet_lightning() -> None:
+    """Silence what Lightning prints on every fit that says nothing about this run: its info banners ("GPU
+    available", the litlogger tip) and the warning that ``DistillationModule``'s ``validation_step`` has no
+    ``val_dataloader`` (the examples validate outside the fit). Warnings and errors still show."""
+    import warnings
+
+    for name in ("pytorch_lightning", "lightning.pytorch", "lightning"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+    warnings.filterwarnings("ignore", message=r"You defined a `validation_step` but have no `val_dataloader`")
+
+
 def fit(module: Any, loader: DataLoader | None = None, steps: int = 1, seed: int | None = None,
         callbacks: Sequence[Any] = ()) -> Any:
     """One quiet CPU ``Trainer.fit`` of ``steps`` optimizer steps (no logger, checkpoints or progress bar)."""
     from lightning_latency._compat import Trainer, pl
 
-    for name in ("pytorch_lightning", "lightning.pytorch", "lightning"):
-        logging.getLogger(name).setLevel(logging.WARNING)  # a "GPU available" banner per run is noise here
+    quiet_lightning()
     if seed is not None:
         pl.seed_everything(seed, workers=True, verbose=False)
     trainer = Trainer(accelerator="cpu", devices=1, max_steps=steps, logger=False, enable_checkpointing=False,
@@ -302,6 +321,8 @@ __all__ = [
     "pack_blocks",
     "parse_with_quick",
     "perplexity",
+    "quiet_lightning",
+    "review_lm_blocks",
     "rotten_tomatoes_splits",
     "stack_inputs",
     "start_run",
