@@ -154,8 +154,8 @@ class _Students:
                               f"{name}, int4 g32 QAT+KD fast (combined)": (qat, True)})
 
 
-def _llamacpp_rows(teacher: nn.Module, students: _Students, tokenizer: Any, bbc_test: Any, s: dict[str, Any]
-                   ) -> list[dict[str, str]]:
+def _llamacpp_rows(teacher: nn.Module, students: _Students, tokenizer: Any, bbc_test: Any, reviews: Any,
+                   s: dict[str, Any]) -> list[dict[str, str]]:
     """The second deployment form: the shipped Q4_1 GGUF (the peer, run by llama.cpp) beside our teacher's Q4_1
     export (sanity: same format, same speed) and the combined student exported at Q4_1 from its int4 QAT grid."""
     import tempfile
@@ -177,7 +177,8 @@ def _llamacpp_rows(teacher: nn.Module, students: _Students, tokenizer: Any, bbc_
                  embedding_qtype="Q8_0")}
     held_out = bbc_test.encodings["input_ids"].flatten().tolist()
     rows = [row(BENCH, "llama.cpp build", "", note=build_line())]
-    return rows + runtime_rows(files, next(iter(files)), held_out[: s["prompt"]], held_out, s, bench=BENCH)
+    return rows + runtime_rows(files, next(iter(files)), held_out[: s["prompt"]], held_out, s, bench=BENCH,
+                               reviews=reviews.encodings["input_ids"].flatten().tolist())
 
 
 def _spread(values: list[float]) -> float:
@@ -250,7 +251,7 @@ def main(quick: bool = False, student: bool = False, rounds: int | None = None) 
     for what, ppl in students.before.items():
         rows.append(row(BENCH, f"before recovery: {what}", f"ppl BBC {ppl:.1f}", note=f"×{ppl / base:.2f} the "
                                                                                       "teacher's; no KD yet"))
-    rows += _llamacpp_rows(teacher, students, tokenizer, bbc_test, s)
+    rows += _llamacpp_rows(teacher, students, tokenizer, bbc_test, reviews, s)
     return rows
 
 
